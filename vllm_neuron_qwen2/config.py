@@ -1,0 +1,210 @@
+"""NeuronConfig (the static shapes a model is built for) and Qwen2Shape (what the checkpoint says).
+
+Every inconsistent combination fails here, with a message naming the field and the fix, so that no
+bad value reaches a graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NEURON_CONFIG_FILE = "neuron_config.json"
+BACKENDS = ("cpu", "neuron")
+DTYPES = ("float32", "bfloat16", "float16")
+COMPILE_MODES = ("eager", "compiled")
+
+
+class ConfigError(ValueError):
+    """A NeuronConfig or model config value that cannot work; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Qwen2Shape:
+    """The geometry of a Qwen2 checkpoint, read from its raw config.json."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_dict(cls, hf: dict[str, Any]) -> Qwen2Shape:
+        archs = hf.get("architectures") or ["Qwen2ForCausalLM"]
+        if archs[0] != "Qwen2ForCausalLM":
+            raise ConfigError(f"architectures={archs}: only Qwen2ForCausalLM (Qwen2, Qwen2.5) is supported")
+        if hf.get("use_sliding_window", False):
+            raise ConfigError(
+                "use_sliding_window=true is not supported: the decoder implements full attention only; "
+                "set use_sliding_window=false in config.json (all official Qwen2/Qwen2.5 configs do)"
+            )
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"rope_scaling type {rope_type!r} is not implemented (only default RoPE); "
+                "remove rope_scaling from config.json or use a context length within max_position_embeddings"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act={hf['hidden_act']!r} is not supported; Qwen2 uses silu")
+        heads = hf["num_attention_heads"]
+        return cls(
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            vocab_size=hf["vocab_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> Qwen2Shape:
+        return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
+def _ladder(smallest: int, largest: int) -> list[int]:
+    """Bucket sizes 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them), capped by `largest`.
+
+    Steps of at most 1.5x keep padding waste low (about 20% worst case, under 10% on average)
+    while the number of graphs grows only logarithmically.
+    """
+    sizes, p = set(), 1
+    while p < largest:
+        sizes.update(s for s in (p, p + p // 2) if smallest <= s < largest)
+        p *= 2
+    return sorted(sizes) + [largest]
+
+
+@dataclass
+class NeuronConfig:
+    """Static shapes and placement of one compiled model. Saved as `neuron_config.json`.
+
+    `None` fields are derived from the model config in `resolve()`.
+    """
+
+    batch_size: int = 1  # KV-cache slots: the most sequences alive at once
+    seq_len: int | None = None  # most tokens (prompt + output) per sequence
+    max_context_length: int | None = None  # longest prompt
+    tp_degree: int = 1
+    dtype: str | None = None  # float32 on cpu, bfloat16 on neuron
+    backend: str = "cpu"
+    prefill_lengths: list[int] | None = None  # prompt-length buckets
+    prefill_batch_sizes: list[int] | None = None  # prompts per prefill call
+    decode_batch_sizes: list[int] | None = None  # rows per decode call
+    decode_lengths: list[int] | None = None  # attended KV prefix per decode call
+    on_device_sampling: bool = True  # greedy/temperature/top-k/top-p inside the graph
+    max_topk: int = 256  # top-k bound of the in-graph sampler (as on Neuron)
+    compile_mode: str = "eager"  # cpu backend: run graphs eagerly or through torch.compile
+    compiled_artifacts: str | None = None  # artifact folder; default ~/.cache/vllm-neuron-qwen2/<key>
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> NeuronConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown neuron_config field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / NEURON_CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> NeuronConfig:
+        return cls.from_dict(json.loads((Path(folder) / NEURON_CONFIG_FILE).read_text()))
+
+    def resolve(self, shape: Qwen2Shape) -> NeuronConfig:
+        """Fill the defaults from the model config and check every field; returns a new config."""
+        _require(self.backend in BACKENDS, "backend", f"{self.backend!r} is not one of {BACKENDS}")
+        dtype = self.dtype or ("float32" if self.backend == "cpu" else "bfloat16")
+        _require(dtype in DTYPES, "dtype", f"{dtype!r} is not one of {DTYPES}")
+        _require(
+            self.compile_mode in COMPILE_MODES,
+            "compile_mode",
+            f"{self.compile_mode!r} is not one of {COMPILE_MODES}",
+        )
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.tp_degree >= 1, "tp_degree", f"must be >= 1, got {self.tp_degree}")
+        _require(
+            self.tp_degree <= shape.num_attention_heads,
+            "tp_degree",
+            f"{self.tp_degree} exceeds num_attention_heads={shape.num_attention_heads}, so some ranks would "
+            f"hold only padding heads; use tp_degree <= {shape.num_attention_heads}",
+        )
+        seq_len = self.seq_len or min(shape.max_position_embeddings, 2048)
+        _require(seq_len >= 2, "seq_len", f"must be >= 2, got {seq_len}")
+        _require(
+            seq_len <= shape.max_position_embeddings,
+            "seq_len",
+            f"{seq_len} exceeds max_position_embeddings={shape.max_position_embeddings}; lower it",
+        )
+        max_ctx = self.max_context_length or seq_len
+        _require(
+            1 <= max_ctx <= seq_len,
+            "max_context_length",
+            f"{max_ctx} must be between 1 and seq_len={seq_len}",
+        )
+        _require(self.max_topk >= 1, "max_topk", f"must be >= 1, got {self.max_topk}")
+        resolved = dataclasses.replace(
+            self,
+            seq_len=seq_len,
+            max_context_length=max_ctx,
+            dtype=dtype,
+            prefill_lengths=_buckets(
+                "prefill_lengths", self.prefill_lengths, 16, max_ctx, "max_context_length"
+            ),
+            prefill_batch_sizes=_buckets(
+                "prefill_batch_sizes", self.prefill_batch_sizes, 1, self.batch_size, "batch_size"
+            ),
+            decode_batch_sizes=_buckets(
+                "decode_batch_sizes", self.decode_batch_sizes, 1, self.batch_size, "batch_size"
+            ),
+            decode_lengths=_buckets("decode_lengths", self.decode_lengths, 64, seq_len, "seq_len"),
+        )
+        return resolved
+
+
+def _require(ok: bool, name: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"neuron_config.{name}: {problem}")
+
+
+def _buckets(name: str, given: list[int] | None, smallest: int, largest: int, limit_name: str) -> list[int]:
+    """Sorted, deduplicated bucket sizes, none above the limit."""
+    if given is None:
+        return _ladder(min(smallest, largest), largest)
+    _require(len(given) > 0, name, "must not be empty")
+    _require(
+        all(isinstance(b, int) and b >= 1 for b in given), name, f"must be positive integers, got {given}"
+    )
+    sizes = sorted(set(given))
+    _require(
+        sizes[-1] <= largest,
+        name,
+        f"bucket {sizes[-1]} is larger than {limit_name}={largest}; drop it or raise {limit_name}",
+    )
+    return sizes
+
+
+def pad_to_multiple(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple

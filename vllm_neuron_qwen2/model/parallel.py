@@ -1,0 +1,132 @@
+"""Tensor-parallel layers on torch.distributed functional collectives (traceable by export and compile).
+
+Each layer holds only its rank's shard. How a shard is cut from the checkpoint is recorded on the
+parameter as `param.shards`, one `Shard` per checkpoint tensor stacked into it, and applied by
+`checkpoint.load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This process's place in the tensor-parallel group; `group is None` means a single rank."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    @classmethod
+    def current(cls, tp_degree: int) -> TPGroup:
+        if tp_degree == 1:
+            return cls()
+        if not dist.is_initialized():
+            raise RuntimeError(
+                f"tp_degree={tp_degree} needs torch.distributed initialised with {tp_degree} ranks "
+                f"(run under `torchrun --nproc-per-node {tp_degree}`)"
+            )
+        if dist.get_world_size() != tp_degree:
+            raise RuntimeError(
+                f"tp_degree={tp_degree} but torch.distributed has {dist.get_world_size()} ranks"
+            )
+        return cls(rank=dist.get_rank(), size=tp_degree, group=dist.group.WORLD)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.group is None else funcol.all_reduce(x, "sum", self.group)
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.group is None else funcol.all_gather_tensor(x, x.dim() - 1, self.group)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows (dim 0) or columns (dim 1) of a checkpoint tensor of `size` rows/columns that form this
+    rank's shard. `index[i]` is the checkpoint row/column placed at local position i; -1 is zero padding.
+    """
+
+    dim: int
+    size: int
+    index: tuple[int, ...]
+
+
+def contiguous_shard(total: int, tp: TPGroup, dim: int = 0) -> Shard:
+    """This rank's equal share of `total` rows, the last ranks padded with -1 when tp does not divide it."""
+    per_rank = -(-total // tp.size)
+    start = tp.rank * per_rank
+    return Shard(dim, total, tuple(i if i < total else -1 for i in range(start, start + per_rank)))
+
+
+def _empty_param(*shape: int, dtype: torch.dtype, shards: tuple[Shard, ...]) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    param.shards = shards
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split across ranks; each rank computes its slice, no communication.
+
+    `parts` are the row shards of the checkpoint tensors fused into this layer (e.g. q, k, v).
+    """
+
+    def __init__(self, in_features: int, parts: tuple[Shard, ...], bias: bool, dtype: torch.dtype):
+        super().__init__()
+        rows = sum(len(p.index) for p in parts)
+        self.weight = _empty_param(rows, in_features, dtype=dtype, shards=parts)
+        self.bias = _empty_param(rows, dtype=dtype, shards=parts) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split across ranks; the partial products are summed with an all-reduce."""
+
+    def __init__(self, cols: Shard, out_features: int, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.weight = _empty_param(out_features, len(cols.index), dtype=dtype, shards=(cols,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Vocabulary rows split across ranks; ids owned by other ranks embed to zero, then all-reduce."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        rows = contiguous_shard(vocab_size, tp)
+        self.start = rows.index[0]
+        self.weight = _empty_param(len(rows.index), hidden_size, dtype=dtype, shards=(rows,))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.group is None:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        owned = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * owned.unsqueeze(-1)
+        return self.tp.all_reduce(x)
+
+
+class VocabParallelLMHead(nn.Module):
+    """Vocabulary rows split across ranks; local logits are gathered and the vocab padding cut off."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        rows = contiguous_shard(vocab_size, tp)
+        self.weight = _empty_param(len(rows.index), hidden_size, dtype=dtype, shards=(rows,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.tp.all_gather_last_dim(F.linear(x, self.weight))  # [B, tp * vocab_per_rank]
+        return logits[..., : self.vocab_size]

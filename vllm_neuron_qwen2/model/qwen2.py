@@ -1,0 +1,220 @@
+"""The Qwen2 decoder, one tensor-parallel shard per rank, with its KV cache as module buffers.
+
+Semantics follow HF `modeling_qwen2.py`: RoPE (rotate-half), GQA, bias on q/k/v only, RMSNorm,
+SwiGLU MLP, optional tied embeddings. Shapes: B batch rows, L tokens, H hidden, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import NeuronConfig, Qwen2Shape
+from .kv_cache import KVCacheManager
+from .parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    Shard,
+    TPGroup,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    contiguous_shard,
+)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Which query and KV heads one rank holds (-1 = zero padding head).
+
+    KV heads are replicated r times so that their count, lcm(num_kv, tp), splits evenly over tp.
+    Each replica serves ceil(group / r) query heads of its original group, the group padded with
+    zero heads when r does not divide it. One rule covers tp | kv (no change), kv | tp (KV heads
+    replicated up to tp) and heads not divisible by tp (Qwen2-0.5B's 14 heads on TP 4).
+    """
+
+    q_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+
+    @classmethod
+    def build(cls, num_heads: int, num_kv_heads: int, tp: TPGroup) -> HeadLayout:
+        group = num_heads // num_kv_heads
+        replicas = math.lcm(num_kv_heads, tp.size) // num_kv_heads
+        q_per_replica = -(-group // replicas)
+        kv_per_rank = num_kv_heads * replicas // tp.size
+        q_heads, kv_heads = [], []
+        for copy in range(tp.rank * kv_per_rank, (tp.rank + 1) * kv_per_rank):
+            kv, part = divmod(copy, replicas)
+            kv_heads.append(kv)
+            for j in range(part * q_per_replica, (part + 1) * q_per_replica):
+                q_heads.append(kv * group + j if j < group else -1)
+        return cls(tuple(q_heads), tuple(kv_heads))
+
+
+def head_shard(heads: tuple[int, ...], num_heads: int, head_dim: int, dim: int = 0) -> Shard:
+    """The checkpoint rows (or columns) of `heads`, out of a tensor holding `num_heads` heads."""
+    index = tuple(h * head_dim + d if h >= 0 else -1 for h in heads for d in range(head_dim))
+    return Shard(dim, num_heads * head_dim, index)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """positions [B, L] -> cos, sin [B, 1, L, D] (computed in float32, as HF does)."""
+    freqs = positions.float()[..., None] * inv_freq  # [B, L, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: Qwen2Shape, layout: HeadLayout, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        d = shape.head_dim
+        self.head_dim = d
+        self.num_heads, self.num_kv_heads = len(layout.q_heads), len(layout.kv_heads)
+        q = head_shard(layout.q_heads, shape.num_attention_heads, d)
+        kv = head_shard(layout.kv_heads, shape.num_key_value_heads, d)
+        # fused q|k|v rows; the checkpoint's q_proj, k_proj, v_proj stack into it (checkpoint.STACKED)
+        self.qkv_proj = ColumnParallelLinear(shape.hidden_size, (q, kv, kv), bias=True, dtype=dtype)
+        self.o_proj = RowParallelLinear(
+            head_shard(layout.q_heads, shape.num_attention_heads, d, dim=1), shape.hidden_size, tp, dtype
+        )
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, L, H] -> q [B, Hq, L, D], k and v [B, Hkv, L, D], RoPE applied to q and k."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [
+                self.num_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+            ],
+            dim=-1,
+        )
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn [B, Hq, L, D] -> [B, L, H], summed over ranks."""
+        b, _, n, _ = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: Qwen2Shape, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        rows = contiguous_shard(shape.intermediate_size, tp)
+        self.inner = len(rows.index)
+        # fused gate|up rows; the checkpoint's gate_proj and up_proj stack into it
+        self.gate_up_proj = ColumnParallelLinear(shape.hidden_size, (rows, rows), bias=False, dtype=dtype)
+        self.down_proj = RowParallelLinear(
+            contiguous_shard(shape.intermediate_size, tp, dim=1), shape.hidden_size, tp, dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inner, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: Qwen2Shape, layout: HeadLayout, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype)
+        self.self_attn = Attention(shape, layout, tp, dtype)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype)
+        self.mlp = MLP(shape, tp, dtype)
+
+
+class Qwen2Decoder(nn.Module):
+    """One rank's shard of Qwen2 plus its KV cache. `prefill` and `decode` are the bucket graph bodies:
+    static shapes in, static shapes out, no data-dependent Python control flow.
+    """
+
+    def __init__(self, shape: Qwen2Shape, config: NeuronConfig, tp: TPGroup):
+        super().__init__()
+        dtype = getattr(torch, config.dtype)
+        layout = HeadLayout.build(shape.num_attention_heads, shape.num_key_value_heads, tp)
+        self.shape, self.config, self.tp, self.layout = shape, config, tp, layout
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp, dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(shape, layout, tp, dtype) for _ in range(shape.num_hidden_layers)
+        )
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype)
+        self.lm_head = VocabParallelLMHead(shape.vocab_size, shape.hidden_size, tp, dtype)
+        if shape.tie_word_embeddings:
+            self.lm_head.weight = (
+                self.embed_tokens.weight
+            )  # both are split by vocab rows, so one shard serves both
+        self.kv_cache = KVCacheManager(
+            shape.num_hidden_layers,
+            config.batch_size,
+            len(layout.kv_heads),
+            config.seq_len,
+            shape.head_dim,
+            dtype,
+        )
+        d = shape.head_dim
+        inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scale = d**-0.5
+
+    def prefill(
+        self, input_ids: torch.Tensor, last_index: torch.Tensor, seq_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompts input_ids [B, L] (right-padded) into slots seq_ids [B] -> logits [B, V] at last_index."""
+        b, n = input_ids.shape
+        positions = torch.arange(n, device=input_ids.device).expand(b, n)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(input_ids)  # [B, L, H]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+            self.kv_cache.write_prompts(i, seq_ids, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            x = x + attn.output(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = x[torch.arange(b, device=x.device), last_index]  # [B, H]: padding after it never influences it
+        return self.lm_head(self.norm(last)).float()
+
+    def decode(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: torch.Tensor, attend_len: int
+    ) -> torch.Tensor:
+        """One token per row: input_ids, position_ids, seq_ids [B] -> logits [B, V].
+
+        Attention reads only the first `attend_len` cache positions (the decode bucket's length).
+        """
+        cos, sin = rope_cos_sin(position_ids[:, None], self.inv_freq, self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(input_ids[:, None])  # [B, 1, H]
+        visible = torch.arange(attend_len, device=x.device)[None, :] <= position_ids[:, None]  # [B, T]
+        mask = visible[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+            self.kv_cache.write_tokens(i, seq_ids, position_ids, k, v)
+            keys, values = self.kv_cache.read(i, seq_ids, attend_len)  # [B, Hkv, T, D]
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+            x = x + attn.output(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x[:, 0])).float()
