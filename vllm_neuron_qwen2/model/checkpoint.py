@@ -1,17 +1,18 @@
 """Load a HF Qwen2 safetensors checkpoint (single file or sharded index) into one rank's decoder.
 
-Each rank memory-maps the files and reads only the rows or columns of its shard, so its peak
-memory is about its shard, not the whole model. Names stay the checkpoint's, see STACKED.
+Each rank reads only the bytes of its shard's rows or columns with positioned reads (no mmap, whose
+touched pages would count against the process), so its peak memory is about its shard, not the
+whole model. Names stay the checkpoint's, see STACKED.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from .parallel import Shard
@@ -23,10 +24,59 @@ STACKED = {
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports carry; recomputed here
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+READ_CHUNK_BYTES = 64 << 20
 
 
 class CheckpointError(ValueError):
     """A missing, unexpected or mis-shaped checkpoint tensor; the message names it."""
+
+
+class SafetensorsFile:
+    """Reads row or column ranges of the tensors in one .safetensors file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        (header_len,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        header = json.loads(os.pread(self.fd, header_len, 8))
+        header.pop("__metadata__", None)
+        self.tensors: dict[str, dict] = header
+        self.data_start = 8 + header_len
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.tensors[name]["shape"])
+
+    def read_into(self, name: str, dim: int, first: int, out: torch.Tensor) -> None:
+        """Copy rows (dim 0) or columns (dim 1) first.. of tensor `name` into `out`, straight from disk."""
+        info = self.tensors[name]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"tensor {name!r} has dtype {info['dtype']}; expected one of F32, BF16, F16"
+            )
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+        row = dtype.itemsize * (shape[1] if len(shape) == 2 else 1)
+        start = self.data_start + info["data_offsets"][0]
+        if dim == 0:
+            step = max(1, READ_CHUNK_BYTES // row)  # bounds the staging buffer of a dtype conversion
+            for r in range(0, out.shape[0], step):
+                self._read(out[r : r + step], start + (first + r) * row, dtype)
+        else:  # one contiguous run per row
+            for r in range(shape[0]):
+                self._read(out[r], start + r * row + first * dtype.itemsize, dtype)
+
+    def _read(self, out: torch.Tensor, offset: int, dtype: torch.dtype) -> None:
+        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(out.shape, dtype=dtype)
+        size = target.numel() * dtype.itemsize
+        if os.preadv(self.fd, [target.view(-1).view(torch.uint8).numpy()], offset) != size:
+            raise CheckpointError(f"{self.path} is truncated")
+        self.bytes_read += size
+        if target is not out:
+            out.copy_(target)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -52,18 +102,15 @@ def _runs(index: tuple[int, ...]):
             start = i
 
 
-def _read_shard(tensor_slice, shard: Shard, full_shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    parts = []
+def _read_shard(file: SafetensorsFile, name: str, shard: Shard, out: torch.Tensor) -> None:
+    position = 0
     for first, length in _runs(shard.index):
-        if first < 0:
-            shape = list(full_shape)
-            shape[shard.dim] = length
-            parts.append(torch.zeros(shape, dtype=dtype))
-        elif shard.dim == 0:
-            parts.append(tensor_slice[first : first + length].to(dtype))
+        run = out.narrow(shard.dim, position, length)
+        if first < 0:  # zero padding rows/columns
+            run.zero_()
         else:
-            parts.append(tensor_slice[:, first : first + length].to(dtype))
-    return torch.cat(parts, dim=shard.dim)
+            file.read_into(name, shard.dim, first, run)
+        position += length
 
 
 def _checkpoint_names(param_name: str) -> list[str]:
@@ -76,14 +123,15 @@ def _checkpoint_names(param_name: str) -> list[str]:
 
 
 @torch.no_grad()
-def load_checkpoint(decoder: Qwen2Decoder, model_dir: str | Path, progress: bool = True) -> None:
-    """Fill every parameter of `decoder` from the checkpoint, reading only this rank's slices."""
+def load_checkpoint(decoder: Qwen2Decoder, model_dir: str | Path, progress: bool = True) -> int:
+    """Fill every parameter of `decoder` from the checkpoint, reading only this rank's slices.
+
+    Returns the number of checkpoint bytes read.
+    """
     model_dir = Path(model_dir)
-    with ExitStack() as stack:
-        handles = {}
-        for path in checkpoint_files(model_dir):
-            f = stack.enter_context(safe_open(str(path), framework="pt"))
-            handles.update(dict.fromkeys(f.keys(), f))
+    files = [SafetensorsFile(p) for p in checkpoint_files(model_dir)]
+    try:
+        owner = {name: f for f in files for name in f.tensors}
         expected = set()
         params = list(decoder.named_parameters())
         for param_name, param in tqdm(params, desc="loading weights", disable=not progress, leave=False):
@@ -92,24 +140,28 @@ def load_checkpoint(decoder: Qwen2Decoder, model_dir: str | Path, progress: bool
             shards = getattr(param, "shards", None) or (
                 Shard(0, param.shape[0], tuple(range(param.shape[0]))),
             )
-            parts = []
+            rows = 0  # stacked tensors fill consecutive rows of the fused parameter
             for name, shard in zip(names, shards, strict=True):
-                if name not in handles:
+                if name not in owner:
                     raise CheckpointError(f"checkpoint {model_dir} is missing tensor {name!r}")
                 expected.add(name)
-                parts.append(_read_tensor(name, handles[name].get_slice(name), shard, param))
-            param.copy_(torch.cat(parts, dim=0))
-        unexpected = sorted(n for n in handles if n not in expected and not n.endswith(IGNORED_SUFFIXES))
+                _check_shape(name, owner[name].shape(name), shard, param)
+                part = param if shard.dim == 1 else param.narrow(0, rows, len(shard.index))
+                _read_shard(owner[name], name, shard, part)
+                rows += len(shard.index)
+        unexpected = sorted(n for n in owner if n not in expected and not n.endswith(IGNORED_SUFFIXES))
         if decoder.shape.tie_word_embeddings and "lm_head.weight" in unexpected:
             unexpected.remove("lm_head.weight")  # some tied exports still carry it; embed_tokens serves
         if unexpected:
             raise CheckpointError(f"checkpoint {model_dir} has unexpected tensor(s) {unexpected[:5]}")
+        return sum(f.bytes_read for f in files)
+    finally:
+        for f in files:
+            f.close()
 
 
-def _read_tensor(name: str, tensor_slice, shard: Shard, param: torch.nn.Parameter) -> torch.Tensor:
-    full_shape = list(tensor_slice.get_shape())
+def _check_shape(name: str, full_shape: list[int], shard: Shard, param: torch.nn.Parameter) -> None:
     expected = list(param.shape)
     expected[shard.dim] = shard.size
     if full_shape != expected:
         raise CheckpointError(f"tensor {name!r} has shape {full_shape}, but this model expects {expected}")
-    return _read_shard(tensor_slice, shard, full_shape, param.dtype)
