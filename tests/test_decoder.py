@@ -53,9 +53,10 @@ def test_prefill_and_teacher_forced_decode_match_hf(make_checkpoint, geometry):
     assert max(errors) < TOL, errors
 
 
-def test_sharded_bf16_checkpoint_matches_hf(make_checkpoint):
-    model_dir = make_checkpoint(dtype="bfloat16", num_shards=2)
-    assert (model_dir / "model.safetensors.index.json").exists()
+@pytest.mark.parametrize("dtype,num_shards", [("bfloat16", 2), ("float16", 1)])
+def test_half_precision_and_sharded_checkpoints_match_hf(make_checkpoint, dtype, num_shards):
+    model_dir = make_checkpoint(dtype=dtype, num_shards=num_shards)
+    assert (model_dir / "model.safetensors.index.json").exists() == (num_shards > 1)
     assert max(session_errors(load(model_dir), model_dir)) < TOL
 
 
