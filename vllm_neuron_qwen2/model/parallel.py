@@ -43,7 +43,12 @@ class TPGroup:
         return x if self.group is None else funcol.all_reduce(x, "sum", self.group)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.group is None else funcol.all_gather_tensor(x, x.dim() - 1, self.group)
+        """[..., N] on each rank -> [..., size * N], rank-major."""
+        if self.group is None:
+            return x
+        gathered = funcol.all_gather_single(x, 0, self.group)  # [size * d0, ...]: funcol gathers dim 0 only
+        parts = gathered.view(self.size, *x.shape).movedim(0, -2)  # [..., size, N]
+        return parts.reshape(*x.shape[:-1], self.size * x.shape[-1])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,349 @@
+"""vLLM's offline `LLM(...)` on the vllm-neuron-qwen2 platform (cpu backend) against HF transformers.
+
+One LLM per configuration (module-scoped), engine in-process. Prompts are token ids, so lengths sit exactly
+on bucket edges; HF's Qwen2ForCausalLM, teacher-forced on each generated sequence, is the oracle.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TOL = 2e-3
+MAX_MODEL_LEN = 128
+SLOTS = 4
+ENV = {
+    "VLLM_NEURON_QWEN2_BACKEND": "cpu",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: faster start, one process to clean
+}
+
+# name -> (checkpoint geometry, LLM kwargs). Together: in-graph and host sampling, async scheduling on and
+# off, default and hand-picked buckets, tied and untied embeddings, a vocab padded beyond the tokenizer.
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "in_graph_sampling_async": ({}, {"async_scheduling": True}),
+    "host_sampling_sync_custom_buckets": (
+        {"tie_word_embeddings": False},
+        {
+            "async_scheduling": False,
+            "additional_config": {
+                "neuron_config": {
+                    "on_device_sampling": False,
+                    "max_context_length": 120,
+                    "prefill_lengths": [8, 32, 120],
+                    "prefill_batch_sizes": [1, 2],
+                    "decode_batch_sizes": [2, 4],
+                    "decode_lengths": [40, 128],
+                }
+            },
+        },
+    ),
+    "padded_vocab": ({"vocab_size": 512, "num_key_value_heads": 1}, {}),
+}
+
+
+def sampling(**kwargs: Any) -> Any:
+    from vllm import SamplingParams  # imported late: vLLM picks its platform on first use
+
+    return SamplingParams(**kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin_env() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in ENV.items():
+            mp.setenv(key, value)
+        from vllm.platforms import current_platform
+
+        assert type(current_platform).__name__ == "NeuronQwen2Platform", (
+            "vLLM resolved its platform before VLLM_NEURON_QWEN2_BACKEND=cpu was set; run these tests alone"
+        )
+        yield
+
+
+def make_llm(model_dir: Path, **kwargs: Any) -> Any:
+    from vllm import LLM
+
+    args = {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": SLOTS, "enforce_eager": True, **kwargs}
+    return LLM(model=str(model_dir), **args)
+
+
+def shutdown(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def configured(
+    request: pytest.FixtureRequest, make_checkpoint: Callable[..., Path]
+) -> Iterator[tuple[Any, Path]]:
+    geometry, llm_kwargs = CONFIGS[request.param]
+    model_dir = make_checkpoint(**geometry)
+    llm = make_llm(model_dir, **llm_kwargs)
+    assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling == llm_kwargs.get(
+        "async_scheduling", True
+    )
+    yield llm, model_dir
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def default_llm(make_checkpoint: Callable[..., Path]) -> Iterator[tuple[Any, Path]]:
+    model_dir = make_checkpoint()
+    llm = make_llm(model_dir)
+    yield llm, model_dir
+    shutdown(llm)
+
+
+_HF: dict[Path, Any] = {}
+
+
+def hf_model(model_dir: Path) -> Any:
+    from transformers import Qwen2ForCausalLM
+
+    if model_dir not in _HF:
+        _HF[model_dir] = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _HF[model_dir]
+
+
+def hf_logits(model_dir: Path, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """Teacher-forced logits [len(output), vocab] for each generated position."""
+    with torch.no_grad():
+        logits = hf_model(model_dir)(torch.tensor([prompt + output[:-1]])).logits[0]
+    return logits[len(prompt) - 1 :].float()
+
+
+def token_prompts(n: int, lengths: list[int], vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    rng = random.Random(seed)
+    return [
+        {"prompt_token_ids": [rng.randrange(vocab) for _ in range(lengths[i % len(lengths)])]}
+        for i in range(n)
+    ]
+
+
+def generate(llm: Any, prompts: list[Any], params: Any) -> list[Any]:
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [o.outputs[0] for o in outputs]
+
+
+def tokenizer_vocab(llm: Any) -> int:
+    return len(llm.get_tokenizer())
+
+
+# Prompt lengths around the default prefill buckets (16, 24, 32, 48, 64, 96) and the custom ones (8, 32, 120),
+# plus one that runs into max_model_len.
+EDGE_LENGTHS = [1, 7, 8, 9, 15, 16, 17, 24, 25, 31, 32, 33, 47, 64, 65, 95, 96, 120]
+MAX_TOKENS = [1, 3, 30, 12, 5, 40, 2, 17]
+
+
+def test_greedy_tokens_and_logprobs_match_hf(configured: tuple[Any, Path]) -> None:
+    llm, model_dir = configured
+    prompts = token_prompts(len(EDGE_LENGTHS), EDGE_LENGTHS, tokenizer_vocab(llm))
+    # Half the rows ask for logprobs (host sampling), half do not (in-graph where enabled): mixed calls.
+    params = [
+        sampling(
+            temperature=0.0,
+            max_tokens=MAX_TOKENS[i % len(MAX_TOKENS)],
+            ignore_eos=True,
+            logprobs=3 if i % 2 else None,
+        )
+        for i in range(len(prompts))
+    ]
+    outputs = generate(llm, prompts, params)
+    assert len(outputs) == len(prompts) > 4 * SLOTS - 1
+    for prompt, param, out in zip(prompts, params, outputs, strict=True):
+        ids = prompt["prompt_token_ids"]
+        expected_len = min(param.max_tokens, MAX_MODEL_LEN - len(ids))
+        assert len(out.token_ids) == expected_len
+        logprobs = hf_logits(model_dir, ids, list(out.token_ids)).log_softmax(-1)
+        assert out.token_ids == logprobs.argmax(-1).tolist()
+        if param.logprobs is None:
+            assert out.logprobs is None
+            continue
+        for step, (token, entries) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+            top = logprobs[step].topk(3).indices.tolist()
+            assert set(top) <= set(entries) and token in entries
+            for tok, entry in entries.items():
+                assert abs(entry.logprob - logprobs[step, tok].item()) < TOL
+            assert entries[token].rank == 1
+
+
+def test_tensor_parallel_2_matches_tp_1(default_llm: tuple[Any, Path]) -> None:
+    llm, model_dir = default_llm
+    prompts = token_prompts(10, [5, 17, 33, 70], tokenizer_vocab(llm), seed=1)
+    params = sampling(temperature=0.0, max_tokens=20, ignore_eos=True)
+    expected = [o.token_ids for o in generate(llm, prompts, params)]
+    from vllm import envs
+
+    # The in-process engine above froze vLLM's env cache; let the platform's spawn default reach the executor.
+    envs.disable_envs_cache()
+    tp2 = make_llm(model_dir, tensor_parallel_size=2)
+    try:
+        assert tp2.llm_engine.vllm_config.parallel_config.distributed_executor_backend == "mp"
+        assert [o.token_ids for o in generate(tp2, prompts, params)] == expected
+    finally:
+        shutdown(tp2)
+
+
+def test_seed_reproducible_across_batches_and_paths(default_llm: tuple[Any, Path]) -> None:
+    llm, _ = default_llm
+    prompts = token_prompts(6, [4, 20, 40], tokenizer_vocab(llm), seed=2)
+    for extra in ({"top_k": 50, "top_p": 0.9}, {"min_p": 0.01, "logprobs": 1}):  # in-graph, then host
+        same = [sampling(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True, **extra) for _ in prompts]
+        first = [o.token_ids for o in generate(llm, prompts, same)]
+        again = [o.token_ids for o in generate(llm, prompts, same)]
+        alone = generate(llm, prompts[:1], same[:1])[0].token_ids  # other batch mates
+        other = [
+            o.token_ids
+            for o in generate(
+                llm, prompts, sampling(temperature=1.0, seed=8, max_tokens=24, ignore_eos=True, **extra)
+            )
+        ]
+        assert first == again and alone == first[0]
+        assert first != other
+
+
+def test_n_2(default_llm: tuple[Any, Path]) -> None:
+    llm, _ = default_llm
+    prompt = token_prompts(1, [12], tokenizer_vocab(llm), seed=3)
+    for extra in ({}, {"logprobs": 2}):  # in-graph, then host sampling
+        params = sampling(n=2, temperature=1.0, max_tokens=16, ignore_eos=True, **extra)
+        (result,) = llm.generate(prompt, params, use_tqdm=False)
+        assert len(result.outputs) == 2
+        assert result.outputs[0].token_ids != result.outputs[1].token_ids
+
+
+def _penalized(
+    logits: torch.Tensor, prompt: list[int], past: list[int], rep: float, freq: float, pres: float
+):
+    counts = torch.bincount(torch.tensor(past, dtype=torch.int64), minlength=logits.shape[-1]).float()
+    seen = counts > 0
+    seen_any = seen.clone()
+    seen_any[prompt] = True
+    logits = torch.where(seen_any, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - freq * counts - pres * seen.float()
+
+
+def test_penalties_match_reference(default_llm: tuple[Any, Path]) -> None:
+    llm, model_dir = default_llm
+    prompts = token_prompts(5, [3, 10, 30], tokenizer_vocab(llm), seed=4)
+    rep, freq, pres = 1.5, 0.7, 1.2
+    params = sampling(
+        temperature=0.0,
+        max_tokens=25,
+        ignore_eos=True,
+        repetition_penalty=rep,
+        frequency_penalty=freq,
+        presence_penalty=pres,
+    )
+    plain = generate(llm, prompts, sampling(temperature=0.0, max_tokens=25, ignore_eos=True))
+    penalized = generate(llm, prompts, params)
+    assert [o.token_ids for o in plain] != [o.token_ids for o in penalized]
+    for prompt, out in zip(prompts, penalized, strict=True):
+        ids, tokens = prompt["prompt_token_ids"], list(out.token_ids)
+        logits = hf_logits(model_dir, ids, tokens)
+        for step, token in enumerate(tokens):
+            assert _penalized(logits[step], ids, tokens[:step], rep, freq, pres).argmax().item() == token
+
+
+def test_logit_bias_allowed_ids_bad_words_min_tokens(default_llm: tuple[Any, Path]) -> None:
+    llm, model_dir = default_llm
+    tokenizer = llm.get_tokenizer()
+    prompts = token_prompts(4, [6, 21], tokenizer_vocab(llm), seed=5)
+    greedy = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+    plain = [list(o.token_ids) for o in generate(llm, prompts, sampling(**greedy))]
+
+    biased = generate(llm, prompts, sampling(**greedy, logit_bias={42: 100.0}))
+    assert all(set(o.token_ids) == {42} for o in biased)
+
+    allowed = [5, 77, 300]
+    for out in generate(llm, prompts, sampling(**greedy, allowed_token_ids=allowed)):
+        assert set(out.token_ids) <= set(allowed)
+
+    # A word the tokenizer keeps as one token, taken from the unconstrained output.
+    banned = next(
+        t for t in plain[0] if tokenizer.encode(tokenizer.decode([t]), add_special_tokens=False) == [t]
+    )
+    word = tokenizer.decode([banned])
+    out = generate(llm, prompts[:1], sampling(**greedy, bad_words=[word]))[0]
+    assert banned not in out.token_ids and list(out.token_ids) != plain[0]
+
+    # min_tokens: stop on each prompt's first greedy token, but only after 5 tokens.
+    stops = [p[0] for p in plain]
+    with_min = [sampling(temperature=0.0, max_tokens=12, stop_token_ids=[s], min_tokens=5) for s in stops]
+    without = [sampling(temperature=0.0, max_tokens=12, stop_token_ids=[s]) for s in stops]
+    assert all(len(o.token_ids) == 1 for o in generate(llm, prompts, without))
+    for prompt, stop, out in zip(prompts, stops, generate(llm, prompts, with_min), strict=True):
+        assert len(out.token_ids) >= 5 and stop not in out.token_ids[:4]
+        logits = hf_logits(model_dir, prompt["prompt_token_ids"], list(out.token_ids))
+        logits[:4, stop] = -torch.inf
+        assert logits[:5].argmax(-1).tolist() == list(out.token_ids[:5])
+
+
+def test_unsupported_request_features_are_rejected(default_llm: tuple[Any, Path]) -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import StructuredOutputsParams
+
+    llm, _ = default_llm
+    prompt = token_prompts(1, [5], tokenizer_vocab(llm))
+    with pytest.raises(VLLMValidationError, match="prompt_logprobs"):
+        llm.generate(prompt, sampling(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match="structured_outputs"):
+        llm.generate(
+            prompt,
+            sampling(max_tokens=2, structured_outputs=StructuredOutputsParams(regex="a+")),
+            use_tqdm=False,
+        )
+    with pytest.raises(VLLMValidationError, match="vocab"):
+        llm.generate([{"prompt_token_ids": [1, 500]}], sampling(max_tokens=2), use_tqdm=False)
+    # the engine keeps serving
+    assert len(generate(llm, prompt, sampling(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+@pytest.mark.parametrize(
+    ("geometry", "kwargs", "option"),
+    [
+        ({}, {"enable_lora": True}, "--enable-lora"),
+        ({}, {"pipeline_parallel_size": 2}, "Pipeline parallelism"),
+        ({"use_sliding_window": True, "sliding_window": 32}, {}, "use_sliding_window"),
+        ({}, {"additional_config": {"neuron_config": {"batch_size": 8}}}, "--max-num-seqs"),
+        ({}, {"additional_config": {"neuron_config": {"no_such_field": 1}}}, "no_such_field"),
+        ({}, {"additional_config": {"neuron_config": {"prefill_lengths": [512]}}}, "prefill_lengths"),
+    ],
+)
+def test_startup_rejects_unsupported_configuration(
+    make_checkpoint: Callable[..., Path], geometry: dict[str, Any], kwargs: dict[str, Any], option: str
+) -> None:
+    with pytest.raises(Exception, match=option):
+        make_llm(make_checkpoint(**geometry), **kwargs)
+
+
+def test_startup_rejects_other_architectures(tmp_path: Path, make_checkpoint: Callable[..., Path]) -> None:
+    import json
+    import shutil
+
+    model_dir = shutil.copytree(make_checkpoint(), tmp_path / "llama")
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="LlamaForCausalLM"):
+        make_llm(model_dir)
+
+
+def test_plugin_is_inactive_without_backend_variable() -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_NEURON_QWEN2_BACKEND"}
+    code = "import vllm_neuron_qwen2 as p; print(p.register())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (
+        "vllm_neuron_qwen2.platform.NeuronQwen2Platform" if Path("/dev/neuron0").exists() else "None"
+    )

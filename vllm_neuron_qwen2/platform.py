@@ -1,0 +1,277 @@
+"""The vLLM platform: maps vLLM's configuration onto the static-shape Neuron decoder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.logger import init_logger
+from vllm.platforms.interface import Platform, PlatformEnum
+
+from . import BACKEND_ENV, active_backend
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.inputs import EngineInput
+    from vllm.pooling_params import PoolingParams
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from .config import NeuronConfig
+
+# Under the "vllm" logger namespace so that vLLM's logging configuration (level, format) applies.
+logger = init_logger("vllm.neuron_qwen2")
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+# NeuronConfig fields that vLLM's own arguments set: field -> the option that owns it.
+_DERIVED_FIELDS = {
+    "batch_size": "--max-num-seqs",
+    "seq_len": "--max-model-len",
+    "tp_degree": "--tensor-parallel-size",
+    "dtype": "--dtype",
+    "backend": BACKEND_ENV,
+}
+
+
+def requested_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
+    """What this engine asks of the decoder: vLLM's arguments plus `--additional-config` `neuron_config`."""
+    from .config import NeuronConfig
+
+    extra = (vllm_config.additional_config or {}).get("neuron_config") or {}
+    if not isinstance(extra, dict):
+        raise ValueError("--additional-config: 'neuron_config' must be a JSON object")
+    derived = {
+        "batch_size": vllm_config.scheduler_config.max_num_seqs,
+        "seq_len": vllm_config.model_config.max_model_len,
+        "tp_degree": vllm_config.parallel_config.tensor_parallel_size,
+        "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),
+        "backend": active_backend(),
+    }
+    for key, value in derived.items():
+        if key in extra and extra[key] != value:
+            raise ValueError(
+                f"--additional-config neuron_config.{key}={extra[key]!r} conflicts with "
+                f"{_DERIVED_FIELDS[key]} ({value!r}); set it through {_DERIVED_FIELDS[key]} only"
+            )
+    return NeuronConfig.from_dict({**extra, **derived})
+
+
+def served_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
+    """The resolved NeuronConfig the decoder will serve with, checked at start-up rather than at load.
+
+    For a folder made by `vllm-neuron-qwen2 compile`: the folder's own config, if it covers the request.
+    """
+    from .compile import artifacts
+    from .config import Qwen2Shape
+
+    try:
+        config = requested_neuron_config(vllm_config)
+        model = Path(vllm_config.model_config.model)
+        if artifacts.is_servable(model):
+            config = artifacts.open_servable(model, config)
+        return config.resolve(Qwen2Shape.from_dict(vllm_config.model_config.hf_config.to_dict()))
+    except (TypeError, ValueError, artifacts.ArtifactError) as e:
+        sources = ", ".join(f"{key} <- {opt}" for key, opt in _DERIVED_FIELDS.items())
+        raise ValueError(
+            f"invalid Neuron configuration ({sources}; the rest from --additional-config): {e}"
+        ) from e
+
+
+def _reject_unsupported(vllm_config: VllmConfig) -> None:
+    # Pipeline parallelism needs no check: vLLM rejects it for model classes without SupportsPP.
+    mc = vllm_config.model_config
+    if vllm_config.lora_config is not None:
+        raise ValueError("--enable-lora: LoRA is not supported by the vllm-neuron-qwen2 platform")
+    if getattr(vllm_config, "watermark_config", None) is not None:
+        raise ValueError("--watermark-config: watermarking is not supported by vllm-neuron-qwen2")
+    if vllm_config.speculative_config is not None:
+        raise ValueError("--speculative-config: speculative decoding is not supported by vllm-neuron-qwen2")
+    unsupported = [a for a in mc.architectures if a not in SUPPORTED_ARCHITECTURES]
+    if unsupported or not mc.architectures:
+        raise ValueError(
+            f"--model: architectures {mc.architectures} are not supported by vllm-neuron-qwen2 "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if mc.runner_type != "generate":
+        raise ValueError(f"--runner {mc.runner_type}: only text generation is supported by vllm-neuron-qwen2")
+    if getattr(mc.hf_text_config, "use_sliding_window", False):
+        raise ValueError(
+            "--model: sliding window attention (use_sliding_window in config.json) is not supported"
+        )
+    if mc.quantization is not None:
+        raise ValueError(
+            f"--quantization {mc.quantization}: quantization is not supported by vllm-neuron-qwen2"
+        )
+    if vllm_config.cache_config.cache_dtype != "auto":
+        raise ValueError(
+            "--kv-cache-dtype: the Neuron decoder keeps its KV cache in the model dtype; use 'auto'"
+        )
+
+
+def _make_accelerator_cache_calls_safe() -> None:
+    # vLLM's shutdown path (cleanup_dist_env_and_memory) empties the accelerator cache on every non-CPU
+    # platform, which raises on a host without one. This module is imported in every vLLM process.
+    if not torch.accelerator.is_available():
+        torch.accelerator.empty_cache = lambda: None
+        if hasattr(torch.accelerator, "empty_host_cache"):
+            torch.accelerator.empty_host_cache = lambda: None
+
+
+_make_accelerator_cache_calls_safe()
+
+
+class NeuronQwen2Platform(Platform):
+    _enum = PlatformEnum.OOT
+    # vLLM builds torch devices from device_name for OOT platforms, so both must be a real torch device type;
+    # the user-facing name comes from get_device_name().
+    device_name: str = "cpu"
+    device_type: str = "cpu"
+    dispatch_key: str = "CPU"
+    dist_backend: str = "gloo"
+    ray_device_key: str = "neuron_cores"
+    device_control_env_var: str = "NEURON_RT_VISIBLE_CORES"
+    simple_compile_backend: str = "eager"
+
+    # Set by check_and_update_config in the front-end process, read by validate_request there.
+    _max_prompt_len: int | None = None
+    _vocab_size: int | None = None
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        # The first entry is what --dtype auto resolves to.
+        return [torch.bfloat16] if active_backend() == "neuron" else [torch.float32]
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        return "neuron" if active_backend() == "neuron" else "neuron-cpu"
+
+    @classmethod
+    def get_device_uuid(cls, device_id: int = 0) -> str:
+        return f"{cls.get_device_name()}-{device_id}"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        # The model owns its KV cache and vLLM's block count is overridden, so host memory is a fine stand-in.
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        pass
+
+    @classmethod
+    def manual_seed_all(cls, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    @classmethod
+    def inference_mode(cls) -> contextlib.AbstractContextManager[Any]:
+        return torch.no_grad()
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def get_current_memory_usage(cls, device: torch.types.Device | None = None) -> float:
+        return 0.0
+
+    @classmethod
+    def pre_register_and_update(cls, parser: FlexibleArgumentParser | None = None) -> None:
+        # vLLM 0.32 removed --device; accept the historical `--device neuron` (the platform is the selection).
+        if parser is not None and not any("--device" in a.option_strings for a in parser._actions):
+            parser.add_argument(
+                "--device",
+                choices=["neuron"],
+                default=None,
+                help="Accepted for compatibility; the vllm-neuron-qwen2 platform always serves on Neuron "
+                f"(or on its cpu backend when {BACKEND_ENV}=cpu).",
+            )
+
+    @classmethod
+    def validate_environ(cls, hard_fail: bool) -> None:
+        from vllm import envs
+
+        # vLLM flags VLLM_* variables it does not know; this one belongs to the platform.
+        envs.environment_variables.setdefault(BACKEND_ENV, lambda: os.environ.get(BACKEND_ENV))
+        super().validate_environ(hard_fail)
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
+        from vllm.config import CompilationMode, CUDAGraphMode
+
+        mc = vllm_config.model_config
+        pc, sc, cc = vllm_config.parallel_config, vllm_config.scheduler_config, vllm_config.cache_config
+        if pc.worker_cls == "auto":
+            pc.worker_cls = "vllm_neuron_qwen2.worker.NeuronQwen2Worker"
+        vllm_config.compilation_config.mode = CompilationMode.NONE
+        vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+        if mc is None:  # vLLM also builds throw-away default configs
+            return
+
+        _reject_unsupported(vllm_config)
+        cls._max_prompt_len = served_neuron_config(vllm_config).max_context_length
+        cls._vocab_size = mc.get_vocab_size()
+
+        if active_backend() == "cpu" and pc.tensor_parallel_size > 1:
+            pc.distributed_executor_backend = "mp"  # one gloo rank per shard
+            # Forking a process whose OpenMP pool is already running can deadlock the child.
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        else:
+            pc.distributed_executor_backend = "uni"  # on Neuron, TP lives inside the runtime
+
+        # One KV block per sequence: vLLM's block pool becomes the slot allocator (slot = block id - 1,
+        # block 0 is vLLM's null block).
+        cc.block_size = mc.max_model_len
+        cc.user_specified_block_size = True
+        cc.num_gpu_blocks_override = sc.max_num_seqs + 1
+        cc.enable_prefix_caching = False
+        sc.enable_chunked_prefill = False
+        sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, mc.max_model_len)
+        if sc.max_num_scheduled_tokens is not None:
+            sc.max_num_scheduled_tokens = max(sc.max_num_scheduled_tokens, mc.max_model_len)
+        logger.info_once(
+            "vllm-neuron-qwen2: prefix caching and chunked prefill are disabled "
+            "(the Neuron decoder keeps one static KV slot per sequence)"
+        )
+
+    @classmethod
+    def validate_request(cls, processed_inputs: EngineInput, params: SamplingParams | PoolingParams) -> None:
+        from vllm.sampling_params import SamplingParams
+
+        if not isinstance(params, SamplingParams):
+            raise VLLMValidationError("only text generation is supported on vllm-neuron-qwen2")
+        unsupported = {
+            "prompt_logprobs": params.prompt_logprobs is not None,
+            "prompt_logprob_token_ids": params.prompt_logprob_token_ids is not None,
+            "structured_outputs": params.structured_outputs is not None,
+            "thinking_token_budget": params.thinking_token_budget is not None,
+            "trace_decode_token_ids": params.trace_decode_token_ids is not None,
+            "logprob_token_ids": params.logprob_token_ids is not None,
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise VLLMValidationError(f"{name} is not supported on vllm-neuron-qwen2", parameter=name)
+
+        if processed_inputs.get("type") not in (None, "token"):
+            raise VLLMValidationError("only token or text prompts are supported on vllm-neuron-qwen2")
+        prompt_ids = processed_inputs.get("prompt_token_ids") or []
+        if cls._max_prompt_len is not None and len(prompt_ids) > cls._max_prompt_len:
+            raise VLLMValidationError(
+                f"The prompt (length {len(prompt_ids)}) is longer than the maximum context length "
+                f"{cls._max_prompt_len} of the compiled Neuron prefill graphs",
+                parameter="prompt",
+            )
+        # vLLM accepts ids up to the tokenizer size, which may exceed the model's embedding table.
+        if (
+            cls._vocab_size is not None
+            and prompt_ids
+            and not 0 <= min(prompt_ids) <= max(prompt_ids) < cls._vocab_size
+        ):
+            raise VLLMValidationError(
+                f"prompt token ids must lie in the model's vocabulary [0, {cls._vocab_size})",
+                parameter="prompt_token_ids",
+            )

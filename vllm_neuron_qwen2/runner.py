@@ -1,0 +1,272 @@
+"""Model runner: vLLM scheduler steps -> KV slots -> bucket graph calls -> sampled tokens.
+
+Each step frees finished requests, admits new ones into their slots, runs all decode rows in one decode call
+and all new prompts in one (internally bucketed) prefill call. A row is sampled inside the graph when its
+parameters allow it (greedy, temperature, top-k, top-p, seed); any other row makes its call return logits and
+is sampled on the host by vLLM's Sampler and logits processors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from vllm.distributed import get_tp_group
+from vllm.sampling_params import SamplingParams, SamplingType
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
+from vllm.v1.sample.logits_processor import BatchUpdate, build_logitsprocs
+from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.sample.sampler import Sampler
+
+from .model.sampling import sample as sample_in_graph_style
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import GrammarOutput, NewRequestData, SchedulerOutput
+
+    from .vllm_model import NeuronQwen2ForVLLM
+
+
+@dataclass
+class _Request:
+    req_id: str
+    slot: int  # KV-cache slot: vLLM's only block for this request, minus the null block 0
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    # vLLM 0.32 does not send sampled tokens back to the worker, so we keep them. Logits processors hold a
+    # reference to this very list.
+    output: list[int] = field(default_factory=list)
+
+    @classmethod
+    def admit(cls, new: NewRequestData) -> _Request:
+        if len(new.block_ids) != 1 or len(new.block_ids[0]) != 1 or new.num_computed_tokens:
+            raise RuntimeError(f"request {new.req_id}: expected one fresh KV block, got {new.block_ids}")
+        params = new.sampling_params
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        return cls(new.req_id, new.block_ids[0][0] - 1, list(new.prompt_token_ids), params, generator)
+
+    def can_sample_in_graph(self) -> bool:
+        """True when only greedy/temperature/top-k/top-p/seed apply to this row's next token."""
+        p = self.params
+        return not (
+            p.logprobs is not None
+            or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0
+            or p.repetition_penalty != 1.0
+            or p.min_p > 0.0
+            or p.logit_bias
+            or p.allowed_token_ids
+            or p.bad_words_token_ids
+            or (len(self.output) < p.min_tokens and p.all_stop_token_ids)
+        )
+
+    def sampling_row(self) -> list[float]:
+        """(temperature, top_k, top_p, uniform) for the in-graph sampler; temperature 0 means greedy."""
+        p = self.params
+        if p.sampling_type == SamplingType.GREEDY:
+            return [0.0, 0.0, 1.0, 0.0]
+        uniform = torch.rand((), generator=self.generator).item()
+        return [p.temperature, float(max(p.top_k, 0)), p.top_p, uniform]
+
+
+@dataclass
+class _Sampled:
+    tokens: torch.Tensor  # [rows] int64
+    logprobs: dict[int, tuple[np.ndarray, np.ndarray, int]]  # row -> (token ids, logprobs, sampled rank)
+
+
+class NeuronQwen2ModelRunner:
+    def __init__(self, vllm_config: VllmConfig, model: NeuronQwen2ForVLLM) -> None:
+        self.decoder = model.decoder
+        self.neuron_config = model.neuron_config
+        self.vocab_size = self.decoder.vocab_size
+        self.sampler = Sampler(logprobs_mode=vllm_config.model_config.logprobs_mode)
+        self.logitsprocs = build_logitsprocs(
+            vllm_config,
+            torch.device("cpu"),
+            is_pin_memory=False,
+            is_pooling_model=False,
+            custom_logitsprocs=vllm_config.model_config.logits_processors or (),
+        )
+        # Held from the start: an engine that shares this process may tear vLLM's global groups down.
+        self.tp_group = get_tp_group()
+        self.requests: dict[str, _Request] = {}
+        self._logitsprocs_rows: list[str] = []  # request id per row, as the logits processors last saw it
+        self._output: ModelRunnerOutput | None = None
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run the step's graphs and sample; the output is handed over by `sample_tokens`."""
+        so = scheduler_output
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.req_id] = _Request.admit(new)
+        if so.scheduled_cached_reqs.resumed_req_ids:
+            # Cannot happen with one block per request (nothing to preempt for); refuse rather than misdecode.
+            raise RuntimeError(
+                f"resumed requests are not supported: {so.scheduled_cached_reqs.resumed_req_ids}"
+            )
+        if so.total_num_scheduled_tokens == 0:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+
+        new_ids = {new.req_id for new in so.scheduled_new_reqs}
+        order = list(so.num_scheduled_tokens)
+        decode = [self.requests[r] for r in order if r not in new_ids]
+        prefill = [self.requests[r] for r in order if r in new_ids]
+        calls = [
+            (reqs, self._run_call(reqs, prefill=p)) for reqs, p in ((decode, False), (prefill, True)) if reqs
+        ]
+
+        # With TP every rank runs this step; rank 0's tokens win so that all KV caches stay identical.
+        tokens = self.tp_group.broadcast(torch.cat([s.tokens for _, s in calls]), src=0).tolist()
+        sampled: dict[str, int] = {}
+        for req, token in zip([req for reqs, _ in calls for req in reqs], tokens, strict=True):
+            req.output.append(token)
+            sampled[req.req_id] = token
+        logprobs = {reqs[row].req_id: entry for reqs, s in calls for row, entry in s.logprobs.items()}
+        self._output = ModelRunnerOutput(
+            req_ids=order,
+            req_id_to_index={r: i for i, r in enumerate(order)},
+            sampled_token_ids=[[sampled[r]] for r in order],
+            logprobs=_logprobs_lists(order, logprobs),
+        )
+        return None
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        output, self._output = self._output, None
+        return output if output is not None else EMPTY_MODEL_RUNNER_OUTPUT
+
+    def _run_call(self, reqs: list[_Request], *, prefill: bool) -> _Sampled:
+        """One prefill or decode call for `reqs`; tokens sampled in the graph when every row allows it."""
+        in_graph = [self.neuron_config.on_device_sampling and r.can_sample_in_graph() for r in reqs]
+        params = torch.tensor(
+            [r.sampling_row() if ok else [0.0] * 4 for r, ok in zip(reqs, in_graph, strict=True)]
+        )
+        sampling = params if all(in_graph) else None
+        seq_ids = [r.slot for r in reqs]
+        if prefill:
+            result = self.decoder.prefill(
+                input_ids=[r.prompt for r in reqs], seq_ids=seq_ids, sampling=sampling
+            )
+        else:
+            result = self.decoder.decode(
+                input_ids=[r.output[-1] for r in reqs],
+                position_ids=[len(r.prompt) + len(r.output) - 1 for r in reqs],
+                seq_ids=seq_ids,
+                sampling=sampling,
+            )
+        if sampling is not None:
+            return _Sampled(result, {})
+
+        tokens = torch.empty(len(reqs), dtype=torch.int64)
+        fast = [i for i, ok in enumerate(in_graph) if ok]
+        if fast:  # the graph's own sampler, on the host: a row samples the same way whatever its batch mates
+            tokens[fast] = sample_in_graph_style(result[fast], params[fast], self.neuron_config.max_topk)
+        host = [i for i, ok in enumerate(in_graph) if not ok]
+        host_tokens, host_logprobs = self._sample_on_host([reqs[i] for i in host], result[host])
+        tokens[host] = host_tokens
+        return _Sampled(tokens, {host[row]: entry for row, entry in host_logprobs.items()})
+
+    def _sample_on_host(
+        self, reqs: list[_Request], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, tuple[np.ndarray, np.ndarray, int]]]:
+        """vLLM's Sampler with its logits processors (min_p, logit_bias, min_tokens) over `reqs`' logits."""
+        self._update_logitsprocs(reqs)
+        out = self.sampler(logits, self._sampling_metadata(reqs))
+        logprobs: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        if out.logprobs_tensors is not None:
+            lists = out.logprobs_tensors.tolists()
+            for row, req in enumerate(reqs):
+                if req.params.logprobs is not None:
+                    width = 1 + self._num_logprobs(req.params)
+                    logprobs[row] = (
+                        lists.logprob_token_ids[row, :width],
+                        lists.logprobs[row, :width],
+                        int(lists.sampled_token_ranks[row]),
+                    )
+        return out.sampled_token_ids[:, 0].long(), logprobs
+
+    def _num_logprobs(self, params: SamplingParams) -> int:
+        return self.vocab_size if params.logprobs == -1 else params.logprobs
+
+    def _update_logitsprocs(self, reqs: list[_Request]) -> None:
+        """Tell the logits processors which request sits in which row of this host-sampled batch."""
+        before = self._logitsprocs_rows
+        added = [
+            (row, req.params, req.prompt, req.output)
+            for row, req in enumerate(reqs)
+            if row >= len(before) or before[row] != req.req_id
+        ]
+        removed = list(range(len(reqs), len(before)))
+        update = BatchUpdate(len(reqs), removed, added, []) if added or removed else None
+        for proc in self.logitsprocs.all:
+            proc.update_state(update)  # also called without changes: min_tokens re-checks output lengths
+        self._logitsprocs_rows = [req.req_id for req in reqs]
+
+    def _sampling_metadata(self, reqs: list[_Request]) -> SamplingMetadata:
+        params = [r.params for r in reqs]
+        vocab = self.vocab_size
+        greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
+        no_penalties = all(
+            p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and p.repetition_penalty == 1.0
+            for p in params
+        )
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        num_logprobs = [self._num_logprobs(p) for p in params if p.logprobs is not None]
+        allowed_mask = None
+        if any(p.allowed_token_ids for p in params):
+            allowed_mask = torch.zeros(len(reqs), vocab, dtype=torch.bool)
+            for row, p in enumerate(params):
+                if p.allowed_token_ids:
+                    allowed_mask[row] = True  # True = banned
+                    allowed_mask[row, p.allowed_token_ids] = False
+        prompt_ids = None
+        if not no_penalties:
+            width = max(len(r.prompt) for r in reqs)
+            prompt_ids = torch.full((len(reqs), width), vocab, dtype=torch.int64)  # padded with vocab_size
+            for row, r in enumerate(reqs):
+                prompt_ids[row, : len(r.prompt)] = torch.tensor(r.prompt)
+        return SamplingMetadata(
+            temperature=None
+            if all(greedy)
+            else torch.tensor([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)]),
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            top_p=None if all(p.top_p >= 1.0 for p in params) else torch.tensor([p.top_p for p in params]),
+            top_k=None if all(k == vocab for k in top_k) else torch.tensor(top_k, dtype=torch.int32),
+            generators={row: r.generator for row, r in enumerate(reqs) if r.generator is not None},
+            max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+            no_penalties=no_penalties,
+            prompt_token_ids=prompt_ids,
+            frequency_penalties=torch.tensor([p.frequency_penalty for p in params]),
+            presence_penalties=torch.tensor([p.presence_penalty for p in params]),
+            repetition_penalties=torch.tensor([p.repetition_penalty for p in params]),
+            output_token_ids=[r.output for r in reqs],
+            allowed_token_ids_mask=allowed_mask,
+            bad_words_token_ids={
+                row: p.bad_words_token_ids for row, p in enumerate(params) if p.bad_words_token_ids
+            },
+            logitsprocs=self.logitsprocs,
+        )
+
+
+def _logprobs_lists(
+    order: list[str], logprobs: dict[str, tuple[np.ndarray, np.ndarray, int]]
+) -> LogprobsLists | None:
+    """One [rows, width] table in scheduler order; rows without logprobs are padding vLLM never reads."""
+    if not logprobs:
+        return None
+    width = max(ids.shape[0] for ids, _, _ in logprobs.values())
+    token_ids = np.zeros((len(order), width), dtype=np.int32)
+    values = np.full((len(order), width), -np.inf, dtype=np.float32)
+    ranks = np.zeros(len(order), dtype=np.int32)
+    for i, req_id in enumerate(order):
+        if req_id in logprobs:
+            ids, lps, rank = logprobs[req_id]
+            token_ids[i, : ids.shape[0]] = ids
+            values[i, : lps.shape[0]] = lps
+            ranks[i] = rank
+    return LogprobsLists(token_ids, values, ranks)

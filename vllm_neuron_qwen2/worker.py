@@ -1,0 +1,110 @@
+"""vLLM worker for the Neuron decoder: one per process (one per TP rank on the cpu backend)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
+from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+from .runner import NeuronQwen2ModelRunner
+from .vllm_model import NeuronQwen2ForVLLM
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+    from vllm.tasks import SupportedTask
+    from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+    from vllm.v1.outputs import ModelRunnerOutput
+
+# vLLM only needs a KV spec to size its block pool; the model owns the real cache.
+_KV_SPEC_NAME = "neuron_kv_slots"
+
+
+class NeuronQwen2Worker(WorkerBase):
+    model: NeuronQwen2ForVLLM
+    runner: NeuronQwen2ModelRunner
+
+    def init_device(self) -> None:
+        self.device = torch.device("cpu")
+        pc = self.parallel_config
+        # The cpu backend runs one process per TP rank (gloo); on Neuron the runtime spans the cores itself.
+        world = pc.world_size if pc.distributed_executor_backend == "mp" else 1
+        init_distributed_environment(
+            world_size=world,
+            rank=self.rank,
+            distributed_init_method=self.distributed_init_method,
+            local_rank=self.local_rank,
+            backend="gloo",
+        )
+        ensure_model_parallel_initialized(world, 1)
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        from vllm.model_executor.models import ModelRegistry
+
+        model_cls, arch = ModelRegistry.resolve_model_cls(self.model_config.architectures, self.model_config)
+        if not issubclass(model_cls, NeuronQwen2ForVLLM):
+            raise RuntimeError(
+                f"{arch} resolved to {model_cls.__name__}: the vllm.general_plugins entry point "
+                "neuron_qwen2_models was not loaded (list it in VLLM_PLUGINS if you set that variable)"
+            )
+        self.model = model_cls(vllm_config=self.vllm_config)
+        self.runner = NeuronQwen2ModelRunner(self.vllm_config, self.model)
+
+    def get_model(self) -> NeuronQwen2ForVLLM:
+        return self.model
+
+    def get_supported_tasks(self) -> tuple[SupportedTask, ...]:
+        return ("generate",)
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        # One block per sequence slot. Its page is one slot's K and V over all layers of this rank, so that
+        # vLLM's KV-cache log lines report the real size.
+        decoder = self.model.decoder.decoder
+        k0, _ = decoder.kv_cache.layer(0)  # [slots + 1, kv_heads, seq_len, head_dim]
+        return {
+            _KV_SPEC_NAME: FullAttentionSpec(
+                block_size=self.cache_config.block_size,
+                num_kv_heads=k0.shape[1] * decoder.shape.num_hidden_layers,
+                head_size=k0.shape[3],
+                dtype=k0.dtype,
+            )
+        }
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        # The default asks vLLM's attention backends, which this model does not use.
+        return ["LBNHC"]
+
+    def determine_available_memory(self) -> int:
+        (spec,) = self.get_kv_cache_spec().values()
+        return spec.page_size_bytes * (self.scheduler_config.max_num_seqs + 1)
+
+    def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
+        slots = kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
+        if slots > self.model.neuron_config.batch_size:
+            raise RuntimeError(
+                f"vLLM allocated {slots} KV slots, the model has {self.model.neuron_config.batch_size}"
+            )
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        # Graphs are built (or loaded) by from_pretrained; nothing is left to compile here.
+        return CompilationTimes(language_model=0.0, encoder=0.0)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        return self.runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        return self.runner.sample_tokens(grammar_output)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        raise ValueError("LoRA is not supported by vllm-neuron-qwen2")
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return False
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return False
+
+    def list_loras(self) -> set[int]:
+        return set()
