@@ -19,6 +19,7 @@ from .parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     Shard,
+    ShardLinear,
     TPGroup,
     VocabParallelEmbedding,
     VocabParallelLMHead,
@@ -177,6 +178,12 @@ class Qwen2Decoder(nn.Module):
         inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scale = d**-0.5
+
+    def prepack_linears(self, batch: int) -> None:
+        """Give every linear layer a oneDNN-blocked weight copy (cpu backend, eager mode)."""
+        for module in self.modules():
+            if isinstance(module, ShardLinear):
+                module.prepack(batch)
 
     def prefill(
         self, input_ids: torch.Tensor, last_index: torch.Tensor, seq_ids: torch.Tensor
