@@ -216,10 +216,11 @@ class NeuronQwen2Platform(Platform):
         cls._max_prompt_len = served_neuron_config(vllm_config).max_context_length
         cls._vocab_size = mc.get_vocab_size()
 
+        # Forking a process whose OpenMP pool is already running (any torch op before LLM(...)) deadlocks
+        # the child's first parallel op; the engine core and the TP ranks are therefore spawned.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         if active_backend() == "cpu" and pc.tensor_parallel_size > 1:
             pc.distributed_executor_backend = "mp"  # one gloo rank per shard
-            # Forking a process whose OpenMP pool is already running can deadlock the child.
-            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         else:
             pc.distributed_executor_backend = "uni"  # on Neuron, TP lives inside the runtime
 
