@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from decoder_harness import load, play_session
+from decoder_harness import CONFIG, load, play_session
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2ForCausalLM
 
 from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM
 from vllm_neuron_qwen2.compile.buckets import Bucket
-from vllm_neuron_qwen2.config import ConfigError
-from vllm_neuron_qwen2.model.checkpoint import CheckpointError
+from vllm_neuron_qwen2.config import ConfigError, Qwen2Shape
+from vllm_neuron_qwen2.model.checkpoint import CheckpointError, load_checkpoint
 from vllm_neuron_qwen2.model.graphs import BucketGraph
+from vllm_neuron_qwen2.model.parallel import TPGroup
+from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
 
 TOL = 2e-3
 HERE = Path(__file__).parent
@@ -130,9 +132,12 @@ def test_in_graph_sampling_greedy_matches_argmax_and_respects_top_k(tiny_qwen2):
 
 
 def test_strict_export_of_a_prefill_and_a_decode_bucket(tiny_qwen2):
-    model = load(tiny_qwen2)
+    # the backend-neutral graphs, as a Neuron tracer gets them (the cpu backend prepacks weights for oneDNN)
+    config = NeuronConfig(**CONFIG).resolve(Qwen2Shape.from_pretrained(tiny_qwen2))
+    decoder = Qwen2Decoder(Qwen2Shape.from_pretrained(tiny_qwen2), config, TPGroup())
+    load_checkpoint(decoder, tiny_qwen2, progress=False)
     for bucket in (Bucket("prefill", 2, 16, False), Bucket("decode", 4, 32, True)):
-        graph = BucketGraph(model.decoder, bucket)
+        graph = BucketGraph(decoder, bucket)
         exported = torch.export.export(graph, graph.example_inputs(), strict=True)
         assert exported.graph_module is not None
 

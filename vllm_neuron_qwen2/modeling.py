@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .compile import artifacts
 from .compile.backend import build_graphs
 from .compile.buckets import Bucket, all_buckets, smallest_fitting
 from .config import NeuronConfig, Qwen2Shape
-from .model.checkpoint import load_checkpoint
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
 
@@ -45,19 +45,29 @@ class NeuronQwen2ForCausalLM:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: NeuronConfig) -> NeuronQwen2ForCausalLM:
-        """Build this rank's shard for `config` (defaults filled from the checkpoint) and load its weights."""
+        """Build this rank's shard for `config` (defaults filled from the checkpoint) and load its weights.
+
+        `model_dir` is a HF checkpoint, or a folder made by `vllm-neuron-qwen2 compile`: that one is served
+        with the config it was compiled for, which must cover `config` (else a ConfigError shows both).
+        """
+        model_dir = Path(model_dir)
+        if artifacts.is_servable(model_dir):
+            config = artifacts.open_servable(model_dir, config)
         shape = Qwen2Shape.from_pretrained(model_dir)
         config = config.resolve(shape)
-        tp = TPGroup.current(config.tp_degree)
+        if config.backend == "neuron":  # one process drives every rank (TP runs as SPMD): this is rank 0
+            tp = TPGroup(size=config.tp_degree)
+        else:
+            tp = TPGroup.current(config.tp_degree)
         logger.info(
             "Qwen2 decoder: %d layers, tp_degree=%d (rank %d), %d slots x %d tokens, %s, backend=%s",
             shape.num_hidden_layers, config.tp_degree, tp.rank, config.batch_size, config.seq_len,
             config.dtype, config.backend,
         )  # fmt: skip
         decoder = Qwen2Decoder(shape, config, tp)
-        load_checkpoint(decoder, model_dir, progress=tp.rank == 0)
+        artifacts.load_weights(decoder, model_dir, progress=tp.rank == 0)
         decoder.eval()
-        graphs = build_graphs(decoder, config, all_buckets(config), Path(model_dir))
+        graphs = build_graphs(decoder, config, all_buckets(config), model_dir)
         return cls(decoder, config, graphs)
 
     @torch.inference_mode()

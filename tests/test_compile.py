@@ -1,0 +1,331 @@
+"""Compiled bucket graphs and their artifact folders: key, location, atomic builds, validation, CLI, serving.
+
+Most tests use a stand-in `build` that writes a few files, so they run in milliseconds; one test goes through
+real torch.compile builds (tiny model, few buckets), kills one, corrupts one and serves from a folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_neuron_qwen2 import cli
+from vllm_neuron_qwen2.compile import artifacts, neuron
+from vllm_neuron_qwen2.compile.backend import build_graphs
+from vllm_neuron_qwen2.compile.buckets import all_buckets
+from vllm_neuron_qwen2.config import ConfigError, NeuronConfig, Qwen2Shape
+from vllm_neuron_qwen2.model.checkpoint import load_checkpoint
+from vllm_neuron_qwen2.model.graphs import BucketGraph
+from vllm_neuron_qwen2.model.parallel import TPGroup
+from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
+from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM
+
+SMALL = dict(  # a few graphs only: compiling one takes seconds
+    batch_size=2,
+    seq_len=128,
+    prefill_lengths=[16],
+    prefill_batch_sizes=[1],
+    decode_batch_sizes=[2],
+    decode_lengths=[64],
+)
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Default artifact folders under tmp_path, never in ~/.cache."""
+    root = tmp_path / "cache"
+    monkeypatch.setattr(artifacts, "cache_root", lambda: root)
+    monkeypatch.delenv(artifacts.ENV_FOLDER, raising=False)
+    return root
+
+
+def resolved(model_dir: Path, **fields) -> NeuronConfig:
+    return NeuronConfig(**{**SMALL, **fields}).resolve(Qwen2Shape.from_pretrained(model_dir))
+
+
+def fake_build(tmp: Path) -> None:
+    (tmp / "graph.bin").write_bytes(os.urandom(1000))
+
+
+def greedy(model: NeuronQwen2ForCausalLM, steps: int = 6) -> list[list[int]]:
+    """Greedy continuations of PROMPTS (logits buckets, slots 0 and 1)."""
+    first = model.prefill(PROMPTS, [0, 1]).argmax(-1).tolist()
+    seqs = [list(p) + [t] for p, t in zip(PROMPTS, first, strict=True)]
+    for _ in range(steps):
+        tokens = model.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs], [0, 1]).argmax(-1)
+        for s, t in zip(seqs, tokens.tolist(), strict=True):
+            s.append(t)
+    return [s[len(p) :] for s, p in zip(seqs, PROMPTS, strict=True)]
+
+
+# ------------------------------------------------------------------------------------ key and location
+
+
+def test_key_covers_what_changes_the_graphs(tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = Qwen2Shape.from_pretrained(tiny_qwen2)
+    base = resolved(tiny_qwen2)
+
+    def key(config: NeuronConfig, model: Qwen2Shape = shape) -> str:
+        return artifacts.artifact_key(artifacts.key_inputs(config, model))
+
+    assert key(base) == key(resolved(tiny_qwen2))
+    assert key(base) == key(resolved(tiny_qwen2, compiled_artifacts="/elsewhere")), "location is not in it"
+    changed = [
+        resolved(tiny_qwen2, batch_size=4),
+        resolved(tiny_qwen2, seq_len=256),
+        resolved(tiny_qwen2, decode_lengths=[32, 64]),
+        resolved(tiny_qwen2, dtype="bfloat16"),
+        resolved(tiny_qwen2, on_device_sampling=False),
+        resolved(tiny_qwen2, compile_mode="compiled"),
+    ]
+    keys = {key(c) for c in changed} | {key(base, Qwen2Shape(**{**vars(shape), "num_hidden_layers": 3}))}
+    assert len(keys) == len(changed) + 1 and key(base) not in keys
+    before = key(base)
+    monkeypatch.setattr(artifacts.torch, "__version__", "9.9.9")
+    assert key(base) != before
+
+
+def test_graph_folder_location(tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = resolved(tiny_qwen2)
+    assert artifacts.graph_folder(config, tiny_qwen2, "k1") == artifacts.cache_root() / "k1"
+    monkeypatch.setenv(artifacts.ENV_FOLDER, str(tmp_path / "env"))
+    assert artifacts.graph_folder(config, tiny_qwen2, "k1") == tmp_path / "env"
+    explicit = resolved(tiny_qwen2, compiled_artifacts=str(tmp_path / "explicit"))
+    assert artifacts.graph_folder(explicit, tiny_qwen2, "k1") == tmp_path / "explicit"
+
+
+# --------------------------------------------------------------------- validation and atomic builds
+
+
+def test_check_detects_missing_truncated_and_corrupted_files(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"x" * 100)
+    (folder / "sub" / "b.bin").write_bytes(b"y" * 10)
+    artifacts.write_manifest(folder, key="k")
+    assert artifacts.check(folder, "k") is None
+    assert "key k" in artifacts.check(folder, "other")
+    (folder / "new-file").write_text("files added later are ignored")
+    assert artifacts.check(folder, "k") is None
+
+    (folder / "a.bin").write_bytes(b"x" * 50)
+    assert "truncated" in artifacts.check(folder)
+    (folder / "a.bin").write_bytes(b"x" * 99 + b"!")
+    assert "corrupted" in artifacts.check(folder)
+    (folder / "a.bin").write_bytes(b"x" * 100)
+    (folder / "sub" / "b.bin").unlink()
+    assert "missing" in artifacts.check(folder)
+    (folder / artifacts.MANIFEST_FILE).write_text('{"files": ')
+    assert "manifest.json is missing or unreadable" in artifacts.check(folder)
+    assert artifacts.check(tmp_path / "nothing") == "it does not exist"
+
+
+def test_prepare_builds_once_then_reuses(tiny_qwen2: Path) -> None:
+    config, builds = resolved(tiny_qwen2), []
+    folder, built = artifacts.prepare(
+        config, tiny_qwen2, lambda tmp: builds.append(fake_build(tmp)), TPGroup()
+    )
+    assert built and len(builds) == 1 and artifacts.check(folder) is None
+    assert NeuronConfig.load(folder) == config and (folder / "config.json").is_file()
+    assert artifacts.prepare(config, tiny_qwen2, lambda tmp: builds.append(tmp), TPGroup()) == (folder, False)
+    assert len(builds) == 1
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name], "no temporary folder is left"
+
+
+def test_failed_or_killed_build_leaves_no_folder_and_is_rebuilt(
+    tiny_qwen2: Path, private_cache: Path
+) -> None:
+    config = resolved(tiny_qwen2)
+
+    def crash(tmp: Path) -> None:
+        fake_build(tmp)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.prepare(config, tiny_qwen2, crash, TPGroup())
+    assert [p.name.split(".")[1].split("-")[0] for p in private_cache.iterdir()] == ["tmp"]
+    dead = private_cache / f"{next(private_cache.iterdir()).name.split('.')[0]}.tmp-999999999"
+    dead.mkdir()  # what a killed process leaves behind
+
+    folder, built = artifacts.prepare(config, tiny_qwen2, fake_build, TPGroup())
+    assert built and artifacts.check(folder) is None
+    assert not dead.exists(), "leftovers of dead builds are removed"
+
+
+def test_corrupted_folder_is_rebuilt(tiny_qwen2: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = resolved(tiny_qwen2)
+    folder, _ = artifacts.prepare(config, tiny_qwen2, fake_build, TPGroup())
+    with (folder / "graph.bin").open("r+b") as f:
+        f.write(b"\0")
+    with caplog.at_level(logging.WARNING):
+        assert artifacts.prepare(config, tiny_qwen2, fake_build, TPGroup()) == (folder, True)
+    assert "graph.bin is corrupted" in caplog.text
+    assert artifacts.check(folder) is None
+
+
+def test_changed_config_compiles_into_a_new_folder_saying_what_changed(
+    tiny_qwen2: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, _ = artifacts.prepare(resolved(tiny_qwen2), tiny_qwen2, fake_build, TPGroup())
+    with caplog.at_level(logging.INFO, logger=artifacts.__name__):
+        second, built = artifacts.prepare(
+            resolved(tiny_qwen2, batch_size=4), tiny_qwen2, fake_build, TPGroup()
+        )
+    assert built and second != first and artifacts.check(first) is None, "the old folder stays valid"
+    [line] = [r.getMessage() for r in caplog.records]
+    assert f"changed since key {first.name}" in line
+    assert "neuron_config.batch_size 2 -> 4" in line and "decode_batch_sizes" not in line
+
+
+# ----------------------------------------------------------------------------------- compatibility
+
+
+def test_check_compatible_shows_both_values() -> None:
+    saved = NeuronConfig(**SMALL, tp_degree=2, dtype="float32", max_context_length=64)
+    requested = NeuronConfig(batch_size=1, seq_len=100, tp_degree=2)
+    assert artifacts.check_compatible(saved, requested) is saved
+    with pytest.raises(ConfigError) as e:
+        artifacts.check_compatible(saved, NeuronConfig(batch_size=8, seq_len=4096, tp_degree=1), "DIR")
+    message = str(e.value)
+    assert "max_num_seqs (batch_size) 8 was requested, but the graphs in DIR were compiled for 2" in message
+    assert "max_model_len (seq_len) 4096" in message and "compiled for 128" in message
+    assert "tensor parallel size (tp_degree) 1" in message
+    with pytest.raises(ConfigError, match="backend neuron was requested.*compiled for cpu"):
+        artifacts.check_compatible(saved, NeuronConfig(batch_size=2, tp_degree=2, backend="neuron"))
+    with pytest.raises(ConfigError, match=r"decode_lengths \[32\] was requested.*compiled for \[64\]"):
+        artifacts.check_compatible(saved, NeuronConfig(tp_degree=2, decode_lengths=[32]))
+
+
+# ---------------------------------------------------------------------------------------- neuron
+
+
+def test_neuron_backend_without_torch_neuronx_says_how_to_install(tiny_qwen2: Path) -> None:
+    if importlib.util.find_spec("torch_neuronx"):
+        pytest.skip("torch-neuronx is installed")
+    config = resolved(tiny_qwen2, backend="neuron", dtype="float32")
+    decoder = Qwen2Decoder(Qwen2Shape.from_pretrained(tiny_qwen2), config, TPGroup())
+    with pytest.raises(ImportError, match=r"torch-neuronx and neuronx-distributed.*pip install"):
+        build_graphs(decoder, config, [], tiny_qwen2)
+
+
+def test_neuron_graph_returns_its_kv_caches_as_aliased_outputs(tiny_qwen2: Path) -> None:
+    """The wrapper traced for Neuron, run on cpu: same result as the plain graph, plus the updated caches."""
+    config = resolved(tiny_qwen2, backend="neuron", dtype="float32")
+    shape = Qwen2Shape.from_pretrained(tiny_qwen2)
+    plain = Qwen2Decoder(shape, config, TPGroup())  # unpacked weights, as the neuron backend loads them
+    load_checkpoint(plain, tiny_qwen2, progress=False)
+    traced = neuron.traced_decoder(shape, config)
+    traced.load_state_dict(plain.state_dict(), strict=False)
+    bucket = all_buckets(config)[0]
+    graph = neuron.StatefulGraph(traced, bucket)
+    inputs = graph.example_inputs()
+    result, *caches = graph(*inputs, route=torch.zeros(1))
+    assert torch.allclose(result, BucketGraph(plain, bucket)(*inputs))
+    assert len(caches) == 2 * shape.num_hidden_layers and all(
+        isinstance(c, torch.nn.Parameter) for c in caches
+    )
+    assert graph.aliases() == {c: 1 + i for i, c in enumerate(caches)}
+    assert "decoder.kv_cache.k0" not in neuron.rank_weights(plain), "KV state is not a weight"
+    assert caches[0].abs().sum() > 0, "the decode step wrote its K into the cache"
+
+
+def test_neuron_visible_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NEURON_RT_VISIBLE_CORES", raising=False)
+    assert neuron.visible_cores() is None
+    neuron.check_cores(32)
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "4-7,10")
+    assert neuron.visible_cores() == 5
+    neuron.check_cores(4)
+    with pytest.raises(
+        ConfigError, match="8 NeuronCores are needed, but NEURON_RT_VISIBLE_CORES=4-7,10 grants 5"
+    ):
+        neuron.check_cores(8)
+
+
+# ------------------------------------------------------------------------------- CLI and real builds
+
+
+def test_cli_rejects_bad_bucket_lists(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(
+            ["compile", "m", "--max-num-seqs", "2", "--max-model-len", "64", "--out", "o", "--buckets", "x=1"]
+        )
+    assert "expected FIELD=N,N,..." in capsys.readouterr().err
+
+
+def test_compile_kill_serve_corrupt(
+    tiny_qwen2: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "served"
+    args = ["compile", str(tiny_qwen2), "--max-num-seqs", "2", "--max-model-len", "128", "--out", str(out)]
+    args += ["--backend", "cpu", "--buckets"] + [
+        f"{k}={v[0]}" for k, v in SMALL.items() if isinstance(v, list)
+    ]
+
+    # A compile killed half-way leaves no folder behind (only its temporary one).
+    killed = subprocess.Popen(
+        [sys.executable, "-c", "from vllm_neuron_qwen2.cli import main; main()", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("served.tmp-*/graphs.tmp-*/inductor")) and time.monotonic() < deadline:
+        assert killed.poll() is None, "the compile ended before it could be killed"
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not out.exists() and list(tmp_path.glob("served.tmp-*"))
+
+    # The next compile completes the folder (and clears the leftovers).
+    cli.main(args)
+    printed = capsys.readouterr().out
+    assert "Compiled 4 bucket graphs in" in printed and f"into {out}" in printed
+    assert artifacts.check(out) is None and artifacts.check(out / artifacts.GRAPHS_DIR) is None
+    assert not list(tmp_path.glob("served.*")), "no temporary folder is left"
+
+    # Served from the folder in a fresh process: nothing is compiled, tokens match a fresh compile.
+    serve = (
+        "import json, logging, sys; logging.basicConfig(level=logging.INFO); "
+        "from vllm_neuron_qwen2.config import NeuronConfig; "
+        "from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM; "
+        "from tests.test_compile import greedy; from torch._dynamo.utils import counters; "
+        "m = NeuronQwen2ForCausalLM.from_pretrained(sys.argv[1], NeuronConfig(batch_size=2, seq_len=128)); "
+        "print(json.dumps([greedy(m), counters['inductor']]))"
+    )
+    served = subprocess.run(
+        [sys.executable, "-c", serve, str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
+    tokens, inductor = json.loads(served.stdout.splitlines()[-1])
+    assert "Using compiled graphs" in served.stderr and "Compiling" not in served.stderr
+    assert inductor.get("fxgraph_cache_hit") == 4 and "fxgraph_cache_miss" not in inductor
+    fresh_config = NeuronConfig(
+        **SMALL, compile_mode="compiled", on_device_sampling=False, compiled_artifacts=str(tmp_path / "fresh")
+    )
+    fresh = greedy(NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, fresh_config))
+    assert tokens == fresh
+
+    # A truncated graph file is detected at load and the graphs are rebuilt: same tokens.
+    victim = max((out / "graphs" / "inductor").rglob("*.so"), key=lambda p: p.stat().st_size)
+    data = victim.read_bytes()
+    victim.unlink()  # a new file: this process still maps the old one
+    victim.write_bytes(data[:100])
+    with caplog.at_level(logging.WARNING):
+        rebuilt = NeuronQwen2ForCausalLM.from_pretrained(out, NeuronConfig(batch_size=2, seq_len=128))
+    assert "truncated" in caplog.text
+    assert greedy(rebuilt) == fresh
+    assert artifacts.check(out / artifacts.GRAPHS_DIR) is None

@@ -1,0 +1,164 @@
+"""`vllm-neuron-qwen2 compile`: make a servable folder of compiled bucket graphs; `vllm-neuron-qwen2 info`.
+
+vllm-neuron-qwen2 compile MODEL --tensor-parallel-size N --max-num-seqs B --max-model-len L --out DIR
+vllm serve DIR --tensor-parallel-size N --max-num-seqs B --max-model-len L     # no compiling at start-up
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import active_backend
+from .compile import artifacts
+from .compile.buckets import all_buckets
+from .config import BACKENDS, DTYPES, NEURON_CONFIG_FILE, NeuronConfig, Qwen2Shape
+from .model.checkpoint import load_checkpoint
+from .model.parallel import TPGroup
+from .model.qwen2 import Qwen2Decoder
+from .modeling import NeuronQwen2ForCausalLM
+
+BUCKET_FIELDS = ("prefill_lengths", "prefill_batch_sizes", "decode_batch_sizes", "decode_lengths")
+MODEL_FILE_SUFFIXES = (".json", ".txt", ".jinja", ".model")  # configs and tokenizer files, not weights
+
+
+def compile_servable(model_dir: str | Path, config: NeuronConfig, out: str | Path) -> Path:
+    """Compile every bucket graph of `config` for the HF checkpoint `model_dir` into a servable folder `out`.
+
+    The folder is assembled in a temporary sibling and renamed into place when complete: model files,
+    `neuron_config.json`, pre-sharded weights with their manifest, then the graphs (on the cpu backend with
+    TP > 1, one spawned process per rank).
+    """
+    model_dir, out = Path(model_dir), Path(out).resolve()
+    if artifacts.is_servable(model_dir):
+        raise ValueError(f"{model_dir} is already a compiled folder; compile from the HF checkpoint")
+    shape = Qwen2Shape.from_pretrained(model_dir)
+    config = dataclasses.replace(config, compile_mode="compiled").resolve(shape)
+    tmp = artifacts.staging(out)
+    for path in model_dir.iterdir():
+        if path.suffix in MODEL_FILE_SUFFIXES and not path.name.endswith(".index.json"):
+            shutil.copy2(path, tmp)
+    config.save(tmp)
+    for rank in tqdm(range(config.tp_degree), desc="pre-sharding weights", unit="rank"):
+        decoder = Qwen2Decoder(shape, config, TPGroup(rank=rank, size=config.tp_degree))
+        load_checkpoint(decoder, model_dir, progress=False)
+        artifacts.save_weights(decoder, tmp)
+    artifacts.write_manifest(tmp, skip=(artifacts.GRAPHS_DIR,))
+    if config.backend == "cpu" and config.tp_degree > 1:
+        torch.multiprocessing.spawn(_compile_rank, (tmp, config, _free_port()), nprocs=config.tp_degree)
+    else:
+        NeuronQwen2ForCausalLM.from_pretrained(tmp, config)
+    artifacts.commit(tmp, out)
+    return out
+
+
+def _compile_rank(rank: int, folder: Path, config: NeuronConfig, port: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tp_degree))  # ranks share the cores
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=config.tp_degree
+    )
+    try:
+        NeuronQwen2ForCausalLM.from_pretrained(folder, config)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bucket_sizes(text: str) -> tuple[str, list[int]]:
+    field, _, sizes = text.partition("=")
+    try:
+        if field in BUCKET_FIELDS:
+            return field, [int(s) for s in sizes.split(",")]
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"expected FIELD=N,N,... (FIELD one of {', '.join(BUCKET_FIELDS)}), got {text!r}"
+    )
+
+
+def _compile(args: argparse.Namespace) -> None:
+    config = NeuronConfig(
+        batch_size=args.max_num_seqs,
+        seq_len=args.max_model_len,
+        max_context_length=args.max_context_length,
+        tp_degree=args.tensor_parallel_size,
+        dtype=args.dtype,
+        backend=args.backend,
+        **dict(args.buckets),
+    )
+    start = time.monotonic()
+    out = compile_servable(args.model, config, args.out)
+    graphs = len(all_buckets(NeuronConfig.load(out)))
+    print(f"Compiled {graphs} bucket graphs in {time.monotonic() - start:.1f} s into {out}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    folder = Path(args.folder)
+    if not (folder / NEURON_CONFIG_FILE).is_file():
+        sys.exit(f"{folder} is not an artifact folder (it has no {NEURON_CONFIG_FILE})")
+    config = NeuronConfig.load(folder)
+    servable = artifacts.is_servable(folder)
+    graphs = folder / artifacts.GRAPHS_DIR if servable else folder
+    key = (artifacts.read_manifest(graphs) or {}).get("key")
+    current = artifacts.artifact_key(artifacts.key_inputs(config, Qwen2Shape.from_pretrained(folder)))
+    problems = [p for p in (artifacts.check(folder) if servable else None, artifacts.check(graphs, key)) if p]
+    buckets = all_buckets(config)
+    kind = "servable folder: weights/, graphs/" if servable else "graph folder"
+    print(f"folder:   {folder.resolve()} ({kind})")
+    print(f"backend:  {config.backend} ({config.compile_mode}), {config.dtype}, tp_degree {config.tp_degree}")
+    stale = "" if key == current else f" (this install computes {current}: the graphs are rebuilt at load)"
+    print(f"key:      {key}{stale}")
+    print(f"valid:    {'yes' if not problems else 'no, ' + '; '.join(problems)}")
+    print(f"buckets:  {len(buckets)}: {' '.join(map(str, buckets))}")
+    print(f"neuron_config: {json.dumps(config.to_dict(), sort_keys=True)}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-neuron-qwen2", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("compile", help="compile the bucket graphs of a Qwen2 checkpoint into a folder")
+    c.add_argument("model", help="HF Qwen2 checkpoint directory")
+    c.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    c.add_argument("--max-num-seqs", type=int, required=True, help="KV-cache slots (batch_size)")
+    c.add_argument("--max-model-len", type=int, required=True, help="tokens per sequence (seq_len)")
+    c.add_argument("--max-context-length", type=int, help="longest prompt (default: --max-model-len)")
+    c.add_argument(
+        "--buckets",
+        nargs="+",
+        type=_bucket_sizes,
+        default=[],
+        metavar="FIELD=N,N",
+        help=f"explicit bucket sizes, FIELD one of {', '.join(BUCKET_FIELDS)}",
+    )
+    c.add_argument("--backend", choices=BACKENDS, default=active_backend() or "cpu")
+    c.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on neuron")
+    c.add_argument("--out", required=True, help="the folder to create (replaced if it exists)")
+    c.set_defaults(run=_compile)
+    i = commands.add_parser("info", help="show what a compiled folder holds and whether it is valid")
+    i.add_argument("folder")
+    i.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.run(args)

@@ -1,0 +1,59 @@
+"""cpu backend: every bucket graph through torch.compile, with inductor's caches kept in the artifact folder.
+
+A compiled graph compiles at its first call, so warm-up calls each one once. On a warm start the folder's
+FX-graph and AOT-autograd caches turn that into tracing plus loading the cached kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+from tqdm import tqdm
+
+from ..config import NeuronConfig
+from ..model.graphs import BucketGraph
+from ..model.qwen2 import Qwen2Decoder
+from . import artifacts
+from .buckets import Bucket
+
+INDUCTOR_DIR = "inductor"
+
+
+def build_cpu_graphs(
+    decoder: Qwen2Decoder, config: NeuronConfig, buckets: list[Bucket], model_dir: Path
+) -> dict[Bucket, Callable]:
+    graphs = {b: BucketGraph(decoder, b) for b in buckets}
+    if config.compile_mode == "eager":
+        # oneDNN's blocked weights stream ~3x faster than BLAS at decode's few rows (inductor can't use them)
+        decoder.prepack_linears(config.decode_batch_sizes[-1])
+        return graphs
+    compiled = {b: torch.compile(g, fullgraph=True, dynamic=False) for b, g in graphs.items()}
+
+    def warm_up(folder: Path, action: str) -> None:
+        # Dynamo keeps compiled code per code object, so every bucket (of every model in this process) adds
+        # an entry to BucketGraph.forward: lift its recompile limits while the graphs compile.
+        with (
+            temporary_cache_dir(str(folder / INDUCTOR_DIR)),
+            torch._dynamo.config.patch(recompile_limit=1 << 16, accumulated_recompile_limit=1 << 16),
+            torch.inference_mode(),
+        ):
+            bar = tqdm(buckets, desc=f"{action} bucket graphs", unit="graph", disable=decoder.tp.rank != 0)
+            for bucket in bar:
+                bar.set_postfix_str(str(bucket))
+                ids, index, _, sampling = graphs[bucket].example_inputs()
+                # Warm-up writes its K/V into the spare slot, never into a live one.
+                compiled[bucket](ids, index, torch.full_like(index, decoder.kv_cache.spare_slot), sampling)
+
+    def build(tmp: Path) -> None:
+        # Dynamo would reuse graphs this process compiled before (for another model instance, another
+        # folder); start afresh so that every graph is compiled, and cached, into the new folder.
+        torch.compiler.reset()
+        warm_up(tmp, "compiling")
+
+    folder, built = artifacts.prepare(config, model_dir, build, decoder.tp)
+    if not built:
+        warm_up(folder, "loading")
+    return compiled
