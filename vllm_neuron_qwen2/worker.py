@@ -97,6 +97,14 @@ class NeuronQwen2Worker(WorkerBase):
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
         return self.runner.sample_tokens(grammar_output)
 
+    def padding_stats(self) -> list[tuple[str, int, int, bool, int, int]]:
+        """(kind, batch, length, sample, real tokens, padded tokens) per bucket run so far.
+
+        Plain values so that `LLM.collective_rpc("padding_stats")` can carry them (benchmarks/ reads them).
+        """
+        stats = self.model.decoder.padding
+        return [(*bucket, stats.real[bucket], stats.padded[bucket]) for bucket in stats.real]
+
     def add_lora(self, lora_request: LoRARequest) -> bool:
         raise ValueError("LoRA is not supported by vllm-neuron-qwen2")
 

@@ -1,0 +1,203 @@
+"""Benchmark: this plugin's cpu backend against vLLM's own CPU backend and HF transformers, same checkpoint,
+same prompts, each engine in its own processes, alternating over several rounds; medians reported.
+
+python -m benchmarks.run [--layers 8] [--requests 32] [--prompt-len 16 200] [--output-tokens 64]
+                         [--max-num-seqs 8] [--max-model-len 512] [--rounds 3] [--engines plugin,vllm-cpu,hf]
+
+Writes benchmarks/results/benchmark.{md,json,png} and prints the table. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import procs, report
+from benchmarks.serving import serve_and_stream
+from benchmarks.workload import Workload, checkpoint, model_geometry, warmup_prompts
+
+HERE = Path(__file__).resolve().parent
+BACKEND_ENV = "VLLM_NEURON_QWEN2_BACKEND"
+OFFLINE_TIMEOUT = 3600.0
+
+
+def engine_env(engine: str, cache: Path) -> dict[str, str]:
+    """The environment of one engine's processes; its compile caches live in `cache`."""
+    env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}  # unset: the plugin stays inactive
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(procs.ROOT), os.environ.get("PYTHONPATH")])),
+        VLLM_CACHE_ROOT=str(cache / "vllm"),
+        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+    )
+    if engine == "plugin":
+        env[BACKEND_ENV] = "cpu"
+        env["NEURON_COMPILED_ARTIFACTS"] = str(cache / "artifacts")
+    elif engine == "vllm-cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; its default sizing wants more RAM than this box has free
+        # vLLM CPU reserves one of the two cores for its front end by default; give its model both, as the
+        # other engines have (measured faster at decode on this box).
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return env
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+    import torch
+    import transformers
+    import vllm
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": psutil.virtual_memory().total / (1 << 30),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git": _git("rev-parse", "--short", "HEAD"),
+        # uncommitted changes to the plugin at the start (the editable install runs the working tree)
+        "git_dirty": _git("status", "--porcelain", "--", "vllm_neuron_qwen2").splitlines(),
+    }
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=procs.ROOT, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def server_args(w: Workload, extra: dict[str, Any] | None) -> list[str]:
+    args = ["--dtype", "float32", "--max-model-len", str(w.max_model_len)]
+    args += ["--max-num-seqs", str(w.max_num_seqs), "--seed", "0"]
+    if extra:
+        args += ["--additional-config", json.dumps(extra)]
+    return args
+
+
+def run_round(index: int, w: Workload, model: Path, work: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """One round: the limits, then every engine (offline run, then its server run), first engine rotating."""
+    logs = work / "logs" / f"round{index}"
+    spec = {"workload": w.to_dict(), "model": str(model)}
+    waited = procs.wait_until_quiet(opts.quiet_wait)
+    result: dict[str, Any] = {
+        "limits": procs.run_job("limits", spec, dict(os.environ), logs / "limits.log", 600)
+    }
+    result["limits"]["waited_for_quiet"] = waited
+    print(f"  limits: {json.dumps({k: round(v, 2) for k, v in result['limits'].items()})}", flush=True)
+    engines = opts.engines
+    for engine in engines[index % len(engines) :] + engines[: index % len(engines)]:
+        env = engine_env(engine, work / "cache" / engine)
+        llm_args = (
+            {"additional_config": opts.plugin_config} if engine == "plugin" and opts.plugin_config else {}
+        )
+        waited = procs.wait_until_quiet(opts.quiet_wait)
+        log = logs / f"{engine}-offline.log"
+        offline = procs.run_job(engine, {**spec, "llm_args": llm_args}, env, log, OFFLINE_TIMEOUT)
+        result[engine] = {"offline": {**offline, "waited_for_quiet": waited}}
+        line = f"{offline['throughput']:.1f} tok/s, decode {offline['decode_tps']:.1f} tok/s"
+        line += f", start-up {offline['startup']:.1f} s, other load {offline['foreign_cores']:.2f} cores"
+        if not opts.no_server and engine != "hf":
+            waited = procs.wait_until_quiet(opts.quiet_wait)
+            extra = opts.plugin_config if engine == "plugin" else None
+            args = server_args(w, extra)
+            log = logs / f"{engine}-server.log"
+            server = serve_and_stream(
+                env, str(model), args, w.prompts(), warmup_prompts(w), w.output_tokens, log
+            )
+            result[engine]["server"] = {**server, "waited_for_quiet": waited}
+            line += f"; server TTFT p50 {sorted(server['ttft'])[len(server['ttft']) // 2]:.2f} s"
+            line += f", other load {server['foreign_cores']:.2f} cores"
+        print(f"  {engine}: {line}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--layers", type=int, default=8, help="decoder layers of the Qwen2-0.5B-like checkpoint"
+    )
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 200], metavar=("MIN", "MAX"))
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="prompt lengths and token ids")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--engines", default="plugin,vllm-cpu,hf", help="comma-separated subset, in this order"
+    )
+    parser.add_argument("--no-server", action="store_true", help="skip the streaming (TTFT/TPOT) runs")
+    parser.add_argument(
+        "--plugin-config", type=json.loads, help="JSON for the plugin's --additional-config, e.g. "
+        '\'{"neuron_config": {"compile_mode": "compiled"}}\''
+    )  # fmt: skip
+    parser.add_argument(
+        "--quiet-wait", type=float, default=120, help="before each job, wait up to this many seconds "
+        "for the machine to be idle (other programs distort 2-core results); 0 disables"
+    )  # fmt: skip
+    parser.add_argument("--work-dir", type=Path, default=HERE / "work", help="checkpoint, caches, logs")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="where results are written")
+    parser.add_argument("--name", default="benchmark", help="file name stem of the results")
+    args = parser.parse_args()
+
+    args.engines = engines = args.engines.split(",")
+    unknown = set(engines) - set(report.ENGINES)
+    if unknown:
+        parser.error(f"unknown engines {sorted(unknown)}; choose from {list(report.ENGINES)}")
+    w = Workload(
+        layers=args.layers,
+        requests=args.requests,
+        min_prompt=args.prompt_len[0],
+        max_prompt=args.prompt_len[1],
+        output_tokens=args.output_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+    )
+    w.check()
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = checkpoint(work, w.layers)
+    # A fresh cache per engine: the first start of round 0 is the cold start.
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    shutil.rmtree(work / "logs", ignore_errors=True)
+
+    raw: dict[str, Any] = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]]),
+        "machine": machine(),
+        "workload": w.to_dict(),
+        "model_config": model_geometry(model),
+        "engines": engines,
+        "plugin_config": args.plugin_config,
+        "rounds": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / args.name
+    for index in range(args.rounds):
+        print(f"round {index + 1}/{args.rounds}", flush=True)
+        raw["rounds"].append(run_round(index, w, model, work, args))
+        stem.with_suffix(".json").write_text(json.dumps(raw, indent=1))  # partial results survive a crash
+
+    table = report.write(raw, stem)
+    print()
+    print(table)
+    print(f"written: {stem}.md, {stem}.json, {stem}.png")
+
+
+if __name__ == "__main__":
+    main()
