@@ -37,6 +37,14 @@ class PaddingStats:
         self.padded[bucket] += total - real
 
 
+def serving_config(model_dir: Path, requested: NeuronConfig, shape: Qwen2Shape) -> NeuronConfig:
+    """The resolved config `model_dir` is served with: for a folder made by `vllm-neuron-qwen2 compile`, its
+    own config, which must cover `requested` (else a ConfigError shows both); else `requested`."""
+    if artifacts.is_servable(model_dir):
+        requested = artifacts.open_servable(model_dir, requested)
+    return requested.resolve(shape)
+
+
 class NeuronQwen2ForCausalLM:
     def __init__(self, decoder: Qwen2Decoder, config: NeuronConfig, graphs: dict[Bucket, Callable]):
         self.decoder, self.config, self.graphs = decoder, config, graphs
@@ -51,10 +59,8 @@ class NeuronQwen2ForCausalLM:
         with the config it was compiled for, which must cover `config` (else a ConfigError shows both).
         """
         model_dir = Path(model_dir)
-        if artifacts.is_servable(model_dir):
-            config = artifacts.open_servable(model_dir, config)
         shape = Qwen2Shape.from_pretrained(model_dir)
-        config = config.resolve(shape)
+        config = serving_config(model_dir, config, shape)
         if config.backend == "neuron":  # one process drives every rank (TP runs as SPMD): this is rank 0
             tp = TPGroup(size=config.tp_degree)
         else:

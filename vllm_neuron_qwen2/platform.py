@@ -68,13 +68,13 @@ def served_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
     """
     from .compile import artifacts
     from .config import Qwen2Shape
+    from .modeling import serving_config
 
     try:
-        config = requested_neuron_config(vllm_config)
-        model = Path(vllm_config.model_config.model)
-        if artifacts.is_servable(model):
-            config = artifacts.open_servable(model, config)
-        return config.resolve(Qwen2Shape.from_dict(vllm_config.model_config.hf_config.to_dict()))
+        shape = Qwen2Shape.from_dict(vllm_config.model_config.hf_config.to_dict())
+        return serving_config(
+            Path(vllm_config.model_config.model), requested_neuron_config(vllm_config), shape
+        )
     except (TypeError, ValueError, artifacts.ArtifactError) as e:
         sources = ", ".join(f"{key} <- {opt}" for key, opt in _DERIVED_FIELDS.items())
         raise ValueError(
