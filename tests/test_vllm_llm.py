@@ -311,7 +311,7 @@ def test_unsupported_request_features_are_rejected(default_llm: tuple[Any, Path]
     ("geometry", "kwargs", "option"),
     [
         ({}, {"enable_lora": True}, "--enable-lora"),
-        ({}, {"pipeline_parallel_size": 2}, "Pipeline parallelism"),
+        ({}, {"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
         ({"use_sliding_window": True, "sliding_window": 32}, {}, "use_sliding_window"),
         ({}, {"additional_config": {"neuron_config": {"batch_size": 8}}}, "--max-num-seqs"),
         ({}, {"additional_config": {"neuron_config": {"no_such_field": 1}}}, "no_such_field"),
@@ -347,3 +347,16 @@ def test_plugin_is_inactive_without_backend_variable() -> None:
     assert out.stdout.strip() == (
         "vllm_neuron_qwen2.platform.NeuronQwen2Platform" if Path("/dev/neuron0").exists() else "None"
     )
+
+
+def test_heads_not_divisible_by_tp_pass_vllm_config_checks(make_checkpoint: Callable[..., Path]) -> None:
+    """vLLM itself wants heads divisible by TP; the platform lets the decoder pad them (6 heads, TP 4)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    model_dir = make_checkpoint(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, vocab_size=501)
+    args = EngineArgs(
+        model=str(model_dir), tensor_parallel_size=4, max_model_len=MAX_MODEL_LEN, max_num_seqs=SLOTS
+    )
+    config = args.create_engine_config()
+    assert config.parallel_config.tensor_parallel_size == 4
+    assert config.cache_config.num_gpu_blocks_override == SLOTS + 1

@@ -113,6 +113,20 @@ def _reject_unsupported(vllm_config: VllmConfig) -> None:
         )
 
 
+def _replace_parallel_check() -> None:
+    """vLLM requires attention heads divisible by the TP degree; the Neuron decoder pads query heads and
+    replicates KV heads instead (Qwen2-0.5B's 14 heads run on TP 4). Only pipeline parallelism is refused."""
+    from vllm.config import ModelConfig
+
+    def verify_with_parallel_config(self: ModelConfig, parallel_config: Any) -> None:
+        if parallel_config.pipeline_parallel_size > 1:
+            raise ValueError(
+                "--pipeline-parallel-size: pipeline parallelism is not supported by vllm-neuron-qwen2"
+            )
+
+    ModelConfig.verify_with_parallel_config = verify_with_parallel_config
+
+
 def _make_accelerator_cache_calls_safe() -> None:
     # vLLM's shutdown path (cleanup_dist_env_and_memory) empties the accelerator cache on every non-CPU
     # platform, which raises on a host without one. This module is imported in every vLLM process.
@@ -181,6 +195,7 @@ class NeuronQwen2Platform(Platform):
 
     @classmethod
     def pre_register_and_update(cls, parser: FlexibleArgumentParser | None = None) -> None:
+        _replace_parallel_check()
         # vLLM 0.32 removed --device; accept the historical `--device neuron` (the platform is the selection).
         if parser is not None and not any("--device" in a.option_strings for a in parser._actions):
             parser.add_argument(
