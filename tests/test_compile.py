@@ -319,6 +319,15 @@ def test_compile_kill_serve_corrupt(
     fresh = greedy(NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, fresh_config))
     assert tokens == fresh
 
+    # vLLM serves the folder as --model, with the same tokens.
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(out), max_num_seqs=2, max_model_len=128)
+    params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    llm.llm_engine.engine_core.shutdown()
+    assert [list(o.outputs[0].token_ids) for o in outputs] == fresh
+
     # A truncated graph file is detected at load and the graphs are rebuilt: same tokens.
     victim = max((out / "graphs" / "inductor").rglob("*.so"), key=lambda p: p.stat().st_size)
     data = victim.read_bytes()
