@@ -78,7 +78,7 @@ def _empty_param(*shape: int, dtype: torch.dtype, shards: tuple[Shard, ...]) -> 
 class ShardLinear(nn.Module):
     """x @ W.T (+ b) over this rank's shard W [out, in].
 
-    `prepack()` lets oneDNN keep its own blocked copy of W: for the few-row inputs of decode it
+    `prepack()` swaps W for oneDNN's blocked layout of it: for the few-row inputs of decode that
     streams weights several times faster than the default BLAS path (the cpu backend calls it).
     """
 

@@ -180,7 +180,7 @@ class Qwen2Decoder(nn.Module):
         self.scale = d**-0.5
 
     def prepack_linears(self, batch: int) -> None:
-        """Give every linear layer a oneDNN-blocked weight copy (cpu backend, eager mode)."""
+        """Swap every linear layer's weight for its oneDNN-blocked layout (cpu backend, eager mode)."""
         for module in self.modules():
             if isinstance(module, ShardLinear):
                 module.prepack(batch)
