@@ -186,7 +186,10 @@ def test_completion_chat_and_streaming(server: Server) -> None:
 
 
 async def _load(server: Server, expected: list[str]) -> int:
-    """64 concurrent streams; every fourth is dropped after a few chunks. Returns how many were aborted."""
+    """64 concurrent streams; every fourth is dropped after its first chunk. Returns how many were aborted.
+
+    The first chunk, not a later one: under load the server may pack a whole completion into two chunks.
+    """
     client = server.async_client()
 
     async def one(i: int) -> bool:
@@ -201,7 +204,7 @@ async def _load(server: Server, expected: list[str]) -> int:
         pieces = []
         async for chunk in stream:
             pieces.append(chunk.choices[0].text)
-            if i % 4 == 0 and len(pieces) == 3:
+            if i % 4 == 0:
                 await stream.close()  # client disconnect: the server aborts the request
                 return True
         assert "".join(pieces) == expected[i % len(PROMPTS)]
