@@ -51,7 +51,6 @@ def main() -> None:
             batch_size=4,
             seq_len=SEQ_LEN,
             prefill_lengths=[128],
-            prefill_batch_sizes=[1],
             decode_batch_sizes=[1, 4],
             decode_lengths=[256, 1024],
             compiled_artifacts=str(Path(tmp) / "graphs"),

@@ -25,7 +25,7 @@ from vllm_neuron_qwen2.compile.backend import build_graphs
 from vllm_neuron_qwen2.compile.buckets import all_buckets
 from vllm_neuron_qwen2.config import ConfigError, NeuronConfig, Qwen2Shape
 from vllm_neuron_qwen2.model.checkpoint import load_checkpoint
-from vllm_neuron_qwen2.model.graphs import BucketGraph
+from vllm_neuron_qwen2.model.graphs import BucketGraph, example_inputs
 from vllm_neuron_qwen2.model.parallel import TPGroup
 from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
 from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM
@@ -34,7 +34,6 @@ SMALL = dict(  # a few graphs only: compiling one takes seconds
     batch_size=2,
     seq_len=128,
     prefill_lengths=[16],
-    prefill_batch_sizes=[1],
     decode_batch_sizes=[2],
     decode_lengths=[64],
 )
@@ -229,7 +228,7 @@ def test_neuron_graph_returns_its_kv_caches_as_aliased_outputs(tiny_qwen2: Path)
     traced.load_state_dict(plain.state_dict(), strict=False)
     bucket = all_buckets(config)[0]
     graph = neuron.StatefulGraph(traced, bucket)
-    inputs = graph.example_inputs()
+    inputs = example_inputs(bucket)
     result, *caches = graph(*inputs, route=torch.zeros(1))
     assert torch.allclose(result, BucketGraph(plain, bucket)(*inputs))
     assert len(caches) == 2 * shape.num_hidden_layers and all(

@@ -18,7 +18,7 @@ from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM
 from vllm_neuron_qwen2.compile.buckets import Bucket
 from vllm_neuron_qwen2.config import ConfigError, Qwen2Shape
 from vllm_neuron_qwen2.model.checkpoint import CheckpointError, load_checkpoint
-from vllm_neuron_qwen2.model.graphs import BucketGraph
+from vllm_neuron_qwen2.model.graphs import BucketGraph, example_inputs
 from vllm_neuron_qwen2.model.parallel import TPGroup
 from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
 
@@ -103,9 +103,8 @@ def test_decode_over_subset_leaves_other_slots_unchanged(tiny_qwen2):
 def test_buckets_smallest_fitting_and_clear_errors(tiny_qwen2):
     model = load(tiny_qwen2)
     model.prefill([[1] * 16, [2] * 17, [3] * 12], [0, 1, 2])
-    used = set(model.padding.real)
-    assert Bucket("prefill", 2, 16, False) in used  # 16 and 12 tokens share the 16 bucket, batch 2
-    assert Bucket("prefill", 1, 32, False) in used  # 17 tokens need the 32 bucket
+    prefill = Bucket("prefill", 4, 64, False)  # 45 prompt tokens packed into one call of the 64 bucket
+    assert dict(model.padding.real) == {prefill: 45} and model.padding.padded[prefill] == 19
     model.decode([1, 2], [16, 31], [0, 1])
     assert Bucket("decode", 2, 32, False) in model.padding.real  # position 31 attends 32 positions
     with pytest.raises(ValueError, match="max_context_length=64"):
@@ -116,6 +115,25 @@ def test_buckets_smallest_fitting_and_clear_errors(tiny_qwen2):
         model.decode([1], [3], [4])
     with pytest.raises(ValueError, match="vocab_size"):
         model.decode([model.vocab_size], [3], [0])
+
+
+def test_step_packs_prompts_and_carries_decode_rows(tiny_qwen2):
+    # decode rows riding in packed prefill calls give what separate decode and prefill calls give
+    separate, mixed = load(tiny_qwen2), load(tiny_qwen2)
+    for model in (separate, mixed):
+        model.prefill([[5, 6, 7, 8], [9, 10]], [0, 1])
+    prompts = [[11] * 40, [12, 13, 14] * 10]  # 40 + 30 tokens: two calls of at most 64 tokens
+    want = torch.cat([separate.decode([20, 21], [4, 2], [0, 1]), separate.prefill(prompts, [2, 3])])
+    got = mixed.step(
+        input_ids=[20, 21], position_ids=[4, 2], seq_ids=[0, 1], prompts=prompts, prompt_seq_ids=[2, 3]
+    )
+    assert (got - want).abs().max().item() < 1e-4
+    assert mixed.padding.real[Bucket("prefill", 4, 64, False)] == 40
+    assert mixed.padding.real[Bucket("prefill", 4, 32, False)] == 30
+    assert not any(b.kind == "decode" for b in mixed.padding.real), "the decode rows rode along"
+    # and the caches agree: one more decode step over all four slots
+    step = ([22, 23, 24, 25], [5, 3, 40, 30], [0, 1, 2, 3])
+    assert (mixed.decode(*step) - separate.decode(*step)).abs().max().item() < 1e-4
 
 
 def test_in_graph_sampling_greedy_matches_argmax_and_respects_top_k(tiny_qwen2):
@@ -136,9 +154,9 @@ def test_strict_export_of_a_prefill_and_a_decode_bucket(tiny_qwen2):
     config = NeuronConfig(**CONFIG).resolve(Qwen2Shape.from_pretrained(tiny_qwen2))
     decoder = Qwen2Decoder(Qwen2Shape.from_pretrained(tiny_qwen2), config, TPGroup())
     load_checkpoint(decoder, tiny_qwen2, progress=False)
-    for bucket in (Bucket("prefill", 2, 16, False), Bucket("decode", 4, 32, True)):
+    for bucket in (Bucket("prefill", config.batch_size, 16, False), Bucket("decode", 4, 32, True)):
         graph = BucketGraph(decoder, bucket)
-        exported = torch.export.export(graph, graph.example_inputs(), strict=True)
+        exported = torch.export.export(graph, example_inputs(bucket), strict=True)
         assert exported.graph_module is not None
 
 

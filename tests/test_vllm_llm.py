@@ -37,7 +37,6 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                     "on_device_sampling": False,
                     "max_context_length": 120,
                     "prefill_lengths": [8, 32, 120],
-                    "prefill_batch_sizes": [1, 2],
                     "decode_batch_sizes": [2, 4],
                     "decode_lengths": [40, 128],
                 }

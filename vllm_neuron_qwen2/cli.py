@@ -24,13 +24,12 @@ from tqdm import tqdm
 from . import active_backend
 from .compile import artifacts
 from .compile.buckets import all_buckets
-from .config import BACKENDS, DTYPES, NEURON_CONFIG_FILE, NeuronConfig, Qwen2Shape
+from .config import BACKENDS, BUCKET_FIELDS, DTYPES, NEURON_CONFIG_FILE, NeuronConfig, Qwen2Shape
 from .model.checkpoint import load_checkpoint
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
 from .modeling import NeuronQwen2ForCausalLM
 
-BUCKET_FIELDS = ("prefill_lengths", "prefill_batch_sizes", "decode_batch_sizes", "decode_lengths")
 MODEL_FILE_SUFFIXES = (".json", ".txt", ".jinja", ".model")  # configs and tokenizer files, not weights
 
 

@@ -91,6 +91,9 @@ def _ladder(smallest: int, largest: int) -> list[int]:
     return sorted(sizes) + [largest]
 
 
+BUCKET_FIELDS = ("prefill_lengths", "decode_batch_sizes", "decode_lengths")
+
+
 @dataclass
 class NeuronConfig:
     """Static shapes and placement of one compiled model. Saved as `neuron_config.json`.
@@ -104,8 +107,7 @@ class NeuronConfig:
     tp_degree: int = 1
     dtype: str | None = None  # float32 on cpu, bfloat16 on neuron
     backend: str = "cpu"
-    prefill_lengths: list[int] | None = None  # prompt-length buckets
-    prefill_batch_sizes: list[int] | None = None  # prompts per prefill call
+    prefill_lengths: list[int] | None = None  # prompt tokens per prefill call (prompts are packed)
     decode_batch_sizes: list[int] | None = None  # rows per decode call
     decode_lengths: list[int] | None = None  # attended KV prefix per decode call
     on_device_sampling: bool = True  # greedy/temperature/top-k/top-p inside the graph
@@ -172,9 +174,6 @@ class NeuronConfig:
             dtype=dtype,
             prefill_lengths=_buckets(
                 "prefill_lengths", self.prefill_lengths, 16, max_ctx, "max_context_length"
-            ),
-            prefill_batch_sizes=_buckets(
-                "prefill_batch_sizes", self.prefill_batch_sizes, 1, self.batch_size, "batch_size"
             ),
             decode_batch_sizes=_buckets(
                 "decode_batch_sizes", self.decode_batch_sizes, 1, self.batch_size, "batch_size"

@@ -32,7 +32,7 @@ class PaddingStats:
         self.padded: Counter[Bucket] = Counter()
 
     def add(self, bucket: Bucket, real: int) -> None:
-        total = bucket.batch * (bucket.length if bucket.kind == "prefill" else 1)
+        total = bucket.length if bucket.kind == "prefill" else bucket.batch  # packed prompt tokens, or rows
         self.real[bucket] += real
         self.padded[bucket] += total - real
 
@@ -76,52 +76,12 @@ class NeuronQwen2ForCausalLM:
         graphs = build_graphs(decoder, config, all_buckets(config), model_dir)
         return cls(decoder, config, graphs)
 
-    @torch.inference_mode()
     def prefill(
         self, input_ids: Sequence[Sequence[int]], seq_ids: Sequence[int], sampling: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Write whole prompts into slots; returns last-token logits [B, vocab] (or sampled ids [B]).
+        """Write whole prompts into slots; returns last-token logits [B, vocab] (or sampled ids [B])."""
+        return self.step(prompts=input_ids, prompt_seq_ids=seq_ids, sampling=sampling)
 
-        Prompts are grouped by length bucket and each group runs as one batched graph call.
-        """
-        self._check_rows(len(input_ids), seq_ids, sampling)
-        cfg = self.config
-        lengths = [len(p) for p in input_ids]
-        for n in lengths:
-            if n < 1:
-                raise ValueError("empty prompt")
-            if n > cfg.max_context_length:
-                raise ValueError(f"prompt of {n} tokens exceeds max_context_length={cfg.max_context_length}")
-        self._check_ids([t for p in input_ids for t in p])
-        by_bucket: dict[int, list[int]] = {}
-        for row, n in enumerate(lengths):
-            length = smallest_fitting(cfg.prefill_lengths, n, "prompt length", "prefill_lengths")
-            by_bucket.setdefault(length, []).append(row)
-        out = [None] * len(input_ids)
-        for length, rows in by_bucket.items():
-            for chunk in _chunks(rows, cfg.prefill_batch_sizes[-1]):
-                batch = smallest_fitting(
-                    cfg.prefill_batch_sizes, len(chunk), "prefill batch", "prefill_batch_sizes"
-                )
-                ids = torch.zeros(batch, length, dtype=torch.int64)
-                for i, row in enumerate(chunk):
-                    ids[i, : lengths[row]] = torch.tensor(input_ids[row])
-                last = self._pad([lengths[row] - 1 for row in chunk], batch, 0)
-                self._run(
-                    "prefill",
-                    batch,
-                    length,
-                    chunk,
-                    sum(lengths[r] for r in chunk),
-                    ids,
-                    last,
-                    seq_ids,
-                    sampling,
-                    out,
-                )
-        return torch.stack(out)
-
-    @torch.inference_mode()
     def decode(
         self,
         input_ids: Sequence[int],
@@ -130,42 +90,129 @@ class NeuronQwen2ForCausalLM:
         sampling: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One token per slot at its position; returns logits [B, vocab] (or sampled ids [B])."""
+        return self.step(input_ids=input_ids, position_ids=position_ids, seq_ids=seq_ids, sampling=sampling)
+
+    @torch.inference_mode()
+    def step(
+        self,
+        *,
+        input_ids: Sequence[int] = (),
+        position_ids: Sequence[int] = (),
+        seq_ids: Sequence[int] = (),
+        prompts: Sequence[Sequence[int]] = (),
+        prompt_seq_ids: Sequence[int] = (),
+        sampling: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One serving step: slots `seq_ids` each take one token (input_ids at position_ids) and whole
+        `prompts` are written into slots `prompt_seq_ids`. Returns logits [rows, vocab] (or sampled ids
+        [rows]), the decode rows first, then the prompts.
+
+        Without prompts, decode rows run in decode graphs. Prompts are packed end to end into prefill graphs
+        of at most `prefill_lengths[-1]` tokens, and the decode rows ride along in the first of them, so
+        a step streams the weights once.
+        """
         cfg = self.config
-        self._check_rows(len(input_ids), seq_ids, sampling)
-        if len(position_ids) != len(input_ids):
-            raise ValueError(f"{len(input_ids)} input_ids but {len(position_ids)} position_ids")
-        if min(position_ids) < 0 or max(position_ids) >= cfg.seq_len:
-            raise ValueError(f"position_ids must lie in [0, seq_len={cfg.seq_len}), got {list(position_ids)}")
-        self._check_ids(input_ids)
-        length = smallest_fitting(
-            cfg.decode_lengths, max(position_ids) + 1, "decode position", "decode_lengths"
-        )
-        out = [None] * len(input_ids)
-        for chunk in _chunks(range(len(input_ids)), cfg.decode_batch_sizes[-1]):
-            batch = smallest_fitting(cfg.decode_batch_sizes, len(chunk), "decode batch", "decode_batch_sizes")
-            ids = self._pad([input_ids[r] for r in chunk], batch, 0)
-            positions = self._pad([position_ids[r] for r in chunk], batch, 0)
-            self._run("decode", batch, length, chunk, len(chunk), ids, positions, seq_ids, sampling, out)
+        n_decode = len(input_ids)
+        if len(position_ids) != n_decode or len(seq_ids) != n_decode:
+            raise ValueError(
+                f"{n_decode} input_ids but {len(position_ids)} position_ids and {len(seq_ids)} seq_ids"
+            )
+        if len(prompt_seq_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_seq_ids)} prompt_seq_ids")
+        self._check_rows([*seq_ids, *prompt_seq_ids], sampling)
+        if n_decode:
+            if min(position_ids) < 0 or max(position_ids) >= cfg.seq_len:
+                raise ValueError(
+                    f"position_ids must lie in [0, seq_len={cfg.seq_len}), got {list(position_ids)}"
+                )
+            self._check_ids(input_ids)
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("empty prompt")
+            if len(prompt) > cfg.max_context_length:
+                raise ValueError(
+                    f"prompt of {len(prompt)} tokens exceeds max_context_length={cfg.max_context_length}"
+                )
+            smallest_fitting(cfg.prefill_lengths, len(prompt), "prompt length", "prefill_lengths")
+            self._check_ids(prompt)
+
+        out: list[torch.Tensor | None] = [None] * (n_decode + len(prompts))
+        sample = sampling is not None
+        if not prompts:
+            for rows in _chunks(range(n_decode), cfg.decode_batch_sizes[-1]):
+                batch = smallest_fitting(
+                    cfg.decode_batch_sizes, len(rows), "decode batch", "decode_batch_sizes"
+                )
+                length = smallest_fitting(
+                    cfg.decode_lengths,
+                    max(position_ids[r] for r in rows) + 1,
+                    "decode position",
+                    "decode_lengths",
+                )
+                self._run(
+                    Bucket("decode", batch, length, sample),
+                    rows,
+                    len(rows),
+                    ids=[input_ids[r] for r in rows],
+                    positions=[position_ids[r] for r in rows],
+                    slots=[seq_ids[r] for r in rows],
+                    logit_index=list(range(len(rows))),
+                    sampling=sampling,
+                    out=out,
+                )
+            return torch.stack(out)
+
+        spare = self.decoder.kv_cache.spare_slot
+        carried = list(range(n_decode))  # decode rows, carried by the first prefill call
+        for group in _pack([len(p) for p in prompts], cfg.prefill_lengths[-1]):
+            batch = cfg.batch_size
+            ids = _padded([input_ids[r] for r in carried], batch, 0)
+            positions = _padded([position_ids[r] for r in carried], batch, 0)
+            slots = _padded([seq_ids[r] for r in carried], batch, spare)
+            logit_index = list(range(len(carried)))
+            for k in group:
+                ids += prompts[k]
+                positions += range(len(prompts[k]))
+                slots += [prompt_seq_ids[k]] * len(prompts[k])
+                logit_index.append(len(ids) - 1)
+            real = len(ids) - batch
+            length = smallest_fitting(cfg.prefill_lengths, real, "prompt tokens", "prefill_lengths")
+            self._run(
+                Bucket("prefill", batch, length, sample),
+                [*carried, *(n_decode + k for k in group)],
+                real,
+                ids=ids,
+                positions=positions,
+                slots=slots,
+                logit_index=logit_index,
+                sampling=sampling,
+                out=out,
+            )
+            carried = []
         return torch.stack(out)
 
-    def _run(self, kind, batch, length, rows, real_tokens, ids, index, seq_ids, sampling, out) -> None:
-        """Run one bucket graph for `rows` of the caller's batch and scatter its results into `out`."""
-        bucket = Bucket(kind, batch, length, sampling is not None)
-        slots = self._pad([seq_ids[r] for r in rows], batch, self.decoder.kv_cache.spare_slot)
-        params = torch.zeros(batch, 4)
+    def _run(self, bucket, rows, real_tokens, *, ids, positions, slots, logit_index, sampling, out) -> None:
+        """Run one bucket graph, its inputs padded to the bucket's shapes (padding in the spare slot);
+        output row j is the caller's row rows[j] and goes into out."""
+        n, spare = bucket.tokens(), self.decoder.kv_cache.spare_slot
+        params = torch.zeros(bucket.batch, 4)
         if sampling is not None:
             params[: len(rows)] = sampling[list(rows)]
-        result = self.graphs[bucket](ids, index, slots, params)
+        result = self.graphs[bucket](
+            torch.tensor(_padded(ids, n, 0)),
+            torch.tensor(_padded(positions, n, 0)),
+            torch.tensor(_padded(slots, n, spare)),
+            torch.tensor(_padded(logit_index, bucket.batch, 0)),
+            params,
+        )
         self.padding.add(bucket, real_tokens)
-        for i, row in enumerate(rows):
-            out[row] = result[i]
+        for j, row in enumerate(rows):
+            out[row] = result[j]
 
-    def _check_rows(self, n: int, seq_ids: Sequence[int], sampling: torch.Tensor | None) -> None:
-        slots = self.config.batch_size
-        if n == 0 or len(seq_ids) != n:
-            raise ValueError(
-                f"need one seq_id per row and at least one row, got {n} rows and {len(seq_ids)} seq_ids"
-            )
+    def _check_rows(self, seq_ids: Sequence[int], sampling: torch.Tensor | None) -> None:
+        slots, n = self.config.batch_size, len(seq_ids)
+        if n == 0:
+            raise ValueError("need at least one row")
         if len(set(seq_ids)) != n or not all(0 <= s < slots for s in seq_ids):
             raise ValueError(
                 f"seq_ids must be distinct slots in [0, batch_size={slots}), got {list(seq_ids)}"
@@ -180,9 +227,22 @@ class NeuronQwen2ForCausalLM:
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size})")
 
-    @staticmethod
-    def _pad(values: list[int], batch: int, fill: int) -> torch.Tensor:
-        return torch.tensor(values + [fill] * (batch - len(values)), dtype=torch.int64)
+
+def _padded(values: list[int], size: int, fill: int) -> list[int]:
+    return [*values, *[fill] * (size - len(values))]
+
+
+def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Consecutive groups of indices whose lengths sum to at most `capacity` (each length fits alone)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if used + n > capacity:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
 
 
 def _chunks(rows: Sequence[int], size: int) -> list[list[int]]:

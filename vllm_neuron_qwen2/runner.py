@@ -1,9 +1,9 @@
 """Model runner: vLLM scheduler steps -> KV slots -> bucket graph calls -> sampled tokens.
 
-Each step frees finished requests, admits new ones into their slots, runs all decode rows in one decode call
-and all new prompts in one (internally bucketed) prefill call. A row is sampled inside the graph when its
-parameters allow it (greedy, temperature, top-k, top-p, seed); any other row makes its call return logits and
-is sampled on the host by vLLM's Sampler and logits processors.
+Each step frees finished requests, admits new ones into their slots and runs the decode rows and the new
+prompts as one model step (a decode graph, or packed prefill graphs that carry the decode rows along). A
+row is sampled inside the graph when its parameters allow it (greedy, temperature, top-k, top-p, seed); any
+other row makes the step return logits and is sampled on the host by vLLM's Sampler and logits processors.
 """
 
 from __future__ import annotations
@@ -116,17 +116,16 @@ class NeuronQwen2ModelRunner:
         order = list(so.num_scheduled_tokens)
         decode = [self.requests[r] for r in order if r not in new_ids]
         prefill = [self.requests[r] for r in order if r in new_ids]
-        calls = [
-            (reqs, self._run_call(reqs, prefill=p)) for reqs, p in ((decode, False), (prefill, True)) if reqs
-        ]
+        reqs = decode + prefill  # the step's rows, in this order
+        step = self._run_step(decode, prefill)
 
         # With TP every rank runs this step; rank 0's tokens win so that all KV caches stay identical.
-        tokens = self.tp_group.broadcast(torch.cat([s.tokens for _, s in calls]), src=0).tolist()
+        tokens = self.tp_group.broadcast(step.tokens, src=0).tolist()
         sampled: dict[str, int] = {}
-        for req, token in zip([req for reqs, _ in calls for req in reqs], tokens, strict=True):
+        for req, token in zip(reqs, tokens, strict=True):
             req.output.append(token)
             sampled[req.req_id] = token
-        logprobs = {reqs[row].req_id: entry for reqs, s in calls for row, entry in s.logprobs.items()}
+        logprobs = {reqs[row].req_id: entry for row, entry in step.logprobs.items()}
         self._output = ModelRunnerOutput(
             req_ids=order,
             req_id_to_index={r: i for i, r in enumerate(order)},
@@ -139,25 +138,23 @@ class NeuronQwen2ModelRunner:
         output, self._output = self._output, None
         return output if output is not None else EMPTY_MODEL_RUNNER_OUTPUT
 
-    def _run_call(self, reqs: list[_Request], *, prefill: bool) -> _Sampled:
-        """One prefill or decode call for `reqs`; tokens sampled in the graph when every row allows it."""
+    def _run_step(self, decode: list[_Request], prefill: list[_Request]) -> _Sampled:
+        """One model step over decode rows, then new prompts; tokens sampled in the graph when every row
+        allows it."""
+        reqs = decode + prefill
         in_graph = [self.neuron_config.on_device_sampling and r.can_sample_in_graph() for r in reqs]
         params = torch.tensor(
             [r.sampling_row() if ok else [0.0] * 4 for r, ok in zip(reqs, in_graph, strict=True)]
         )
         sampling = params if all(in_graph) else None
-        seq_ids = [r.slot for r in reqs]
-        if prefill:
-            result = self.decoder.prefill(
-                input_ids=[r.prompt for r in reqs], seq_ids=seq_ids, sampling=sampling
-            )
-        else:
-            result = self.decoder.decode(
-                input_ids=[r.output[-1] for r in reqs],
-                position_ids=[len(r.prompt) + len(r.output) - 1 for r in reqs],
-                seq_ids=seq_ids,
-                sampling=sampling,
-            )
+        result = self.decoder.step(
+            input_ids=[r.output[-1] for r in decode],
+            position_ids=[len(r.prompt) + len(r.output) - 1 for r in decode],
+            seq_ids=[r.slot for r in decode],
+            prompts=[r.prompt for r in prefill],
+            prompt_seq_ids=[r.slot for r in prefill],
+            sampling=sampling,
+        )
         if sampling is not None:
             return _Sampled(result, {})
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import NEURON_CONFIG_FILE, ConfigError, NeuronConfig, Qwen2Shape
+from ..config import BUCKET_FIELDS, NEURON_CONFIG_FILE, ConfigError, NeuronConfig, Qwen2Shape
 from ..model.checkpoint import load_checkpoint
 from ..model.parallel import TPGroup
 from ..model.qwen2 import Qwen2Decoder
@@ -292,7 +292,7 @@ def check_compatible(saved: NeuronConfig, requested: NeuronConfig, folder: str |
         "on_device_sampling",
         saved.on_device_sampling or not requested.on_device_sampling,
     )
-    for field in ("prefill_lengths", "prefill_batch_sizes", "decode_batch_sizes", "decode_lengths"):
+    for field in BUCKET_FIELDS:
         wanted = getattr(requested, field)
         differs(field, field, wanted is None or sorted(set(wanted)) == getattr(saved, field))
     if problems:

@@ -10,22 +10,27 @@ from ..config import NeuronConfig
 
 class Bucket(NamedTuple):
     kind: str  # "prefill" or "decode"
-    batch: int  # rows
-    length: int  # prefill: prompt tokens; decode: attended KV positions
+    batch: int  # rows out; decode: one token per row; prefill: also the decode rows it carries
+    length: int  # prefill: packed prompt tokens; decode: attended KV positions
     sample: bool  # sample in the graph (token ids out) instead of returning logits
 
     def __str__(self) -> str:
         return f"{self.kind}[{self.batch}x{self.length}{'+sample' if self.sample else ''}]"
 
+    def tokens(self) -> int:
+        """Tokens in: one per row, plus the packed prompt tokens of a prefill bucket."""
+        return self.batch + (self.length if self.kind == "prefill" else 0)
+
 
 def all_buckets(config: NeuronConfig) -> list[Bucket]:
-    """Every graph a model with this config may run, decode first (the hot path)."""
+    """Every graph a model with this config may run, decode first (the hot path). A prefill graph
+    always carries `batch_size` rows: any step has at most that many requests, new or decoding."""
     samples = (False, True) if config.on_device_sampling else (False,)
     return [
         Bucket(kind, batch, length, s)
         for kind, batches, lengths in (
             ("decode", config.decode_batch_sizes, config.decode_lengths),
-            ("prefill", config.prefill_batch_sizes, config.prefill_lengths),
+            ("prefill", [config.batch_size], config.prefill_lengths),
         )
         for batch in batches
         for length in lengths

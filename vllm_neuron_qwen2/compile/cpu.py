@@ -14,7 +14,7 @@ from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from tqdm import tqdm
 
 from ..config import NeuronConfig
-from ..model.graphs import BucketGraph
+from ..model.graphs import BucketGraph, example_inputs
 from ..model.qwen2 import Qwen2Decoder
 from . import artifacts
 from .buckets import Bucket
@@ -43,9 +43,10 @@ def build_cpu_graphs(
             bar = tqdm(buckets, desc=f"{action} bucket graphs", unit="graph", disable=decoder.tp.rank != 0)
             for bucket in bar:
                 bar.set_postfix_str(str(bucket))
-                ids, index, _, sampling = graphs[bucket].example_inputs()
+                ids, positions, _, logit_index, sampling = example_inputs(bucket)
                 # Warm-up writes its K/V into the spare slot, never into a live one.
-                compiled[bucket](ids, index, torch.full_like(index, decoder.kv_cache.spare_slot), sampling)
+                spare = torch.full_like(ids, decoder.kv_cache.spare_slot)
+                compiled[bucket](ids, positions, spare, logit_index, sampling)
 
     def build(tmp: Path) -> None:
         # Dynamo would reuse graphs this process compiled before (for another model instance, another

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, NeuronConfig, Qwen2Shape
-from ..model.graphs import BucketGraph
+from ..model.graphs import BucketGraph, example_inputs
 from ..model.parallel import TPGroup, VocabParallelEmbedding
 from ..model.qwen2 import Qwen2Decoder
 from . import artifacts
@@ -114,8 +114,8 @@ class StatefulGraph(BucketGraph):
     of one batch size (or sampling and logits buckets) share all other shapes, so its length names the bucket.
     """
 
-    def forward(self, input_ids, index, seq_ids, sampling, route):
-        return (super().forward(input_ids, index, seq_ids, sampling), *self.caches())
+    def forward(self, input_ids, position_ids, seq_ids, logit_index, sampling, route):
+        return (super().forward(input_ids, position_ids, seq_ids, logit_index, sampling), *self.caches())
 
     def caches(self) -> list[nn.Parameter]:
         return list(self.decoder.kv_cache.parameters())
@@ -173,19 +173,12 @@ def compile_graphs(folder: Path, shape: Qwen2Shape, config: NeuronConfig, bucket
         builder.add(
             key=str(bucket),
             model_instance=Instance(lambda b=bucket: StatefulGraph(decoder(), b), input_output_aliases={}),
-            example_inputs=[(*_example_inputs(bucket), _route(i))],
+            example_inputs=[(*example_inputs(bucket), _route(i))],
             compiler_args=COMPILER_ARGS,
             priority_model_idx=0 if i == 0 else None,  # weight layout tuned for the hot decode graph
         )
     torch.jit.save(builder.trace(initialize_model_weights=False), str(folder / MODEL_FILE))
     shutil.rmtree(folder / "workdir", ignore_errors=True)
-
-
-def _example_inputs(bucket: Bucket) -> tuple[torch.Tensor, ...]:
-    """input_ids, index, seq_ids, sampling as BucketGraph takes them (only their shapes matter here)."""
-    b, n = bucket.batch, bucket.length
-    ids = torch.zeros((b, n) if bucket.kind == "prefill" else (b,), dtype=torch.int64)
-    return ids, torch.zeros(b, dtype=torch.int64), torch.zeros(b, dtype=torch.int64), torch.zeros(b, 4)
 
 
 class NeuronGraph:
@@ -194,8 +187,8 @@ class NeuronGraph:
     def __init__(self, model: Any, route: torch.Tensor):
         self.model, self.route = model, route
 
-    def __call__(self, input_ids, index, seq_ids, sampling) -> torch.Tensor:
-        out = self.model(input_ids, index, seq_ids, sampling, self.route)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(*inputs, self.route)
         return out[0] if isinstance(out, (list, tuple)) else out  # aliased cache outputs are not returned
 
 

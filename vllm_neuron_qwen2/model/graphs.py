@@ -15,29 +15,32 @@ from .sampling import sample
 
 
 class BucketGraph(nn.Module):
-    """Inputs, int64 [B] or [B, L] plus sampling [B, 4] float32:
-    prefill (input_ids [B, L], last_index, seq_ids, sampling);
-    decode (input_ids, position_ids, seq_ids, sampling).
-    Returns logits [B, V] float32, or token ids [B] int64 when the bucket samples.
+    """Inputs input_ids, position_ids, seq_ids [N] int64, logit_index [R] int64, sampling [R, 4] float32,
+    laid out as `Qwen2Decoder.forward` takes them:
+    decode: N = R = bucket.batch rows, attending to bucket.length cache positions;
+    prefill: R = bucket.batch decode rows (attending to the whole cache), then bucket.length packed prompt
+    tokens.
+    Returns logits [R, V] float32, or token ids [R] int64 when the bucket samples.
     """
 
     def __init__(self, decoder: Qwen2Decoder, bucket: Bucket):
         super().__init__()
         self.decoder, self.bucket = decoder, bucket
 
-    def forward(self, input_ids, index, seq_ids, sampling):
-        if self.bucket.kind == "prefill":
-            logits = self.decoder.prefill(input_ids, index, seq_ids)
+    def forward(self, input_ids, position_ids, seq_ids, logit_index, sampling):
+        b = self.bucket
+        if b.kind == "prefill":
+            attend_len = self.decoder.config.seq_len
         else:
-            logits = self.decoder.decode(input_ids, index, seq_ids, self.bucket.length)
-        if self.bucket.sample:
+            attend_len = b.length
+        logits = self.decoder(input_ids, position_ids, seq_ids, logit_index, b.batch, attend_len)
+        if b.sample:
             return sample(logits, sampling, self.decoder.config.max_topk)
         return logits
 
-    def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        b, n = self.bucket.batch, self.bucket.length
-        ids = torch.zeros((b, n) if self.bucket.kind == "prefill" else (b,), dtype=torch.int64)
-        index = torch.zeros(b, dtype=torch.int64)
-        seq_ids = torch.arange(b, dtype=torch.int64)
-        sampling = torch.zeros(b, 4, dtype=torch.float32)
-        return ids, index, seq_ids, sampling
+
+def example_inputs(bucket: Bucket) -> tuple[torch.Tensor, ...]:
+    """Inputs of the bucket's shapes, every token in slot 0 at position 0 (distinct tensors: torch.compile
+    guards on inputs aliasing each other)."""
+    ids, positions, slots = (torch.zeros(bucket.tokens(), dtype=torch.int64) for _ in range(3))
+    return ids, positions, slots, torch.arange(bucket.batch), torch.zeros(bucket.batch, 4)

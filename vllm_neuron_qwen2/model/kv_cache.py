@@ -23,20 +23,14 @@ class KVCacheManager(nn.Module):
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
-    def write_prompts(self, i: int, seq_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [B, kv_heads, L, head_dim] for positions 0..L-1 of slots `seq_ids` [B]."""
-        length = k.shape[2]
-        for cache, new in zip(self.layer(i), (k, v), strict=True):
-            cache[:, :, :length].index_copy_(0, seq_ids, new)
-
     def write_tokens(
         self, i: int, seq_ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
-        """k, v: [B, kv_heads, 1, head_dim], one new position per row."""
+        """k, v: [N, kv_heads, head_dim] for N tokens at (seq_ids[n], positions[n])."""
         heads = torch.arange(k.shape[1], device=k.device)
         index = (seq_ids[:, None], heads[None, :], positions[:, None])
         for cache, new in zip(self.layer(i), (k, v), strict=True):
-            cache.index_put_(index, new[:, :, 0])
+            cache.index_put_(index, new)
 
     def read(self, i: int, seq_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` positions of slots `seq_ids`: two [B, kv_heads, length, head_dim] tensors."""

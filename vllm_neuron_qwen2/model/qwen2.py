@@ -147,8 +147,8 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Decoder(nn.Module):
-    """One rank's shard of Qwen2 plus its KV cache. `prefill` and `decode` are the bucket graph bodies:
-    static shapes in, static shapes out, no data-dependent Python control flow.
+    """One rank's shard of Qwen2 plus its KV cache. `forward` is the body of every bucket graph: static
+    shapes in, static shapes out, no data-dependent Python control flow.
     """
 
     def __init__(self, shape: Qwen2Shape, config: NeuronConfig, tp: TPGroup):
@@ -185,43 +185,47 @@ class Qwen2Decoder(nn.Module):
             if isinstance(module, ShardLinear):
                 module.prepack(batch)
 
-    def prefill(
-        self, input_ids: torch.Tensor, last_index: torch.Tensor, seq_ids: torch.Tensor
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: torch.Tensor,
+        logit_index: torch.Tensor,
+        decode_rows: int,
+        attend_len: int,
     ) -> torch.Tensor:
-        """Prompts input_ids [B, L] (right-padded) into slots seq_ids [B] -> logits [B, V] at last_index."""
-        b, n = input_ids.shape
-        positions = torch.arange(n, device=input_ids.device).expand(b, n)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.embed_tokens.weight.dtype)
-        x = self.embed_tokens(input_ids)  # [B, L, H]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-            self.kv_cache.write_prompts(i, seq_ids, k, v)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-            x = x + attn.output(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = x[torch.arange(b, device=x.device), last_index]  # [B, H]: padding after it never influences it
-        return self.lm_head(self.norm(last)).float()
+        """One step over N tokens, input_ids, position_ids, seq_ids [N] -> logits [R, V] at logit_index [R].
 
-    def decode(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: torch.Tensor, attend_len: int
-    ) -> torch.Tensor:
-        """One token per row: input_ids, position_ids, seq_ids [B] -> logits [B, V].
-
-        Attention reads only the first `attend_len` cache positions (the decode bucket's length).
+        The first `decode_rows` tokens each continue their slot by one token and attend to its first
+        `attend_len` cache positions. The rest are whole prompts packed end to end (positions from 0),
+        each attending causally within itself: slots tell one prompt from the next. Padding uses the spare
+        slot.
         """
-        cos, sin = rope_cos_sin(position_ids[:, None], self.inv_freq, self.embed_tokens.weight.dtype)
-        x = self.embed_tokens(input_ids[:, None])  # [B, 1, H]
-        visible = torch.arange(attend_len, device=x.device)[None, :] <= position_ids[:, None]  # [B, T]
-        mask = visible[:, None, None, :]
+        d, n = decode_rows, input_ids.shape[0]
+        cos, sin = rope_cos_sin(position_ids[None], self.inv_freq, self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(input_ids[None])  # [1, N, H]
+        visible = torch.arange(attend_len, device=x.device)[None, :] <= position_ids[:d, None]  # [d, T]
+        decode_mask = visible[:, None, None, :]  # [d, 1, 1, T]
+        same_prompt = seq_ids[d:, None] == seq_ids[None, d:]
+        causal = position_ids[None, d:] <= position_ids[d:, None]
+        prompt_mask = (same_prompt & causal)[None, None]  # [1, 1, N-d, N-d]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-            self.kv_cache.write_tokens(i, seq_ids, position_ids, k, v)
-            keys, values = self.kv_cache.read(i, seq_ids, attend_len)  # [B, Hkv, T, D]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-            )
-            x = x + attn.output(out)
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # [1, heads, N, D]
+            self.kv_cache.write_tokens(i, seq_ids, position_ids, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            parts = []
+            if d:  # one query per row against its slot's cache: [d, Hq, 1, D] -> [1, Hq, d, D]
+                keys, values = self.kv_cache.read(i, seq_ids[:d], attend_len)  # [d, Hkv, T, D]
+                row_q = q[0, :, :d].transpose(0, 1)[:, :, None]
+                out = self._attention(row_q, keys, values, decode_mask)
+                parts.append(out[:, :, 0].transpose(0, 1)[None])
+            if n > d:  # the packed prompts attend to their own new keys only
+                parts.append(self._attention(q[:, :, d:], k[:, :, d:], v[:, :, d:], prompt_mask))
+            x = x + attn.output(torch.cat(parts, dim=2))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x[:, 0])).float()
+        return self.lm_head(self.norm(x[0, logit_index])).float()
+
+    def _attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
