@@ -50,6 +50,7 @@ def main() -> None:
         config = dict(
             batch_size=4,
             seq_len=SEQ_LEN,
+            max_context_length=128,
             prefill_lengths=[128],
             decode_batch_sizes=[1, 4],
             decode_lengths=[256, 1024],

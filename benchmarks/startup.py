@@ -22,6 +22,7 @@ CONFIG = dict(  # 12 graphs: decode 1 and 4 rows x 256 and 1024 positions, prefi
     seq_len=1024,
     decode_batch_sizes=[1, 4],
     decode_lengths=[256, 1024],
+    max_context_length=512,
     prefill_lengths=[128, 512],
     compile_mode="compiled",
 )

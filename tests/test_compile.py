@@ -33,9 +33,10 @@ from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM
 SMALL = dict(  # a few graphs only: compiling one takes seconds
     batch_size=2,
     seq_len=128,
+    max_context_length=16,
     prefill_lengths=[16],
     decode_batch_sizes=[2],
-    decode_lengths=[64],
+    decode_lengths=[128],
 )
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
 
@@ -82,8 +83,8 @@ def test_key_covers_what_changes_the_graphs(tiny_qwen2: Path, monkeypatch: pytes
     assert key(base) == key(resolved(tiny_qwen2, compiled_artifacts="/elsewhere")), "location is not in it"
     changed = [
         resolved(tiny_qwen2, batch_size=4),
-        resolved(tiny_qwen2, seq_len=256),
-        resolved(tiny_qwen2, decode_lengths=[32, 64]),
+        resolved(tiny_qwen2, seq_len=256, decode_lengths=[256]),
+        resolved(tiny_qwen2, decode_lengths=[32, 128]),
         resolved(tiny_qwen2, dtype="bfloat16"),
         resolved(tiny_qwen2, on_device_sampling=False),
         resolved(tiny_qwen2, compile_mode="compiled"),
@@ -191,7 +192,7 @@ def test_changed_config_compiles_into_a_new_folder_saying_what_changed(
 
 
 def test_check_compatible_shows_both_values() -> None:
-    saved = NeuronConfig(**SMALL, tp_degree=2, dtype="float32", max_context_length=64)
+    saved = NeuronConfig(**SMALL, tp_degree=2, dtype="float32")
     requested = NeuronConfig(batch_size=1, seq_len=100, tp_degree=2)
     assert artifacts.check_compatible(saved, requested) is saved
     with pytest.raises(ConfigError) as e:
@@ -202,7 +203,7 @@ def test_check_compatible_shows_both_values() -> None:
     assert "tensor parallel size (tp_degree) 1" in message
     with pytest.raises(ConfigError, match="backend neuron was requested.*compiled for cpu"):
         artifacts.check_compatible(saved, NeuronConfig(batch_size=2, tp_degree=2, backend="neuron"))
-    with pytest.raises(ConfigError, match=r"decode_lengths \[32\] was requested.*compiled for \[64\]"):
+    with pytest.raises(ConfigError, match=r"decode_lengths \[32\] was requested.*compiled for \[128\]"):
         artifacts.check_compatible(saved, NeuronConfig(tp_degree=2, decode_lengths=[32]))
 
 
@@ -268,7 +269,7 @@ def test_compile_kill_serve_corrupt(
 ) -> None:
     out = tmp_path / "served"
     args = ["compile", str(tiny_qwen2), "--max-num-seqs", "2", "--max-model-len", "128", "--out", str(out)]
-    args += ["--backend", "cpu", "--buckets"] + [
+    args += ["--max-context-length", "16", "--backend", "cpu", "--buckets"] + [
         f"{k}={v[0]}" for k, v in SMALL.items() if isinstance(v, list)
     ]
 

@@ -167,6 +167,10 @@ def test_strict_export_of_a_prefill_and_a_decode_bucket(tiny_qwen2):
         (dict(tp_degree=5), "tp_degree: 5 exceeds num_attention_heads=4"),
         (dict(prefill_lengths=[16, 128]), "prefill_lengths: bucket 128 is larger than max_context_length=64"),
         (dict(decode_lengths=[100]), "decode_lengths: bucket 100 is larger than seq_len=64"),
+        (
+            dict(prefill_lengths=[8, 32]),
+            "prefill_lengths: the largest bucket 32 is below max_context_length=64",
+        ),
         (dict(max_context_length=65), "max_context_length: 65 must be between 1 and seq_len=64"),
         (dict(seq_len=4096), "seq_len: 4096 exceeds max_position_embeddings"),
         (dict(backend="gpu"), "backend: 'gpu' is not one of"),

@@ -78,15 +78,17 @@ class Qwen2Shape:
         return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
-def _ladder(smallest: int, largest: int) -> list[int]:
-    """Bucket sizes 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them), capped by `largest`.
+def _ladder(smallest: int, largest: int, fine_from: int | None = None) -> list[int]:
+    """Bucket sizes 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them), capped by `largest`;
+    from `fine_from` on also 1.25x and 1.75x them.
 
-    Steps of at most 1.5x keep padding waste low (about 20% worst case, under 10% on average)
-    while the number of graphs grows only logarithmically.
+    Steps of at most 1.5x (1.25x) cap padding at a third (a fifth) of a bucket while the number of
+    graphs grows only logarithmically.
     """
     sizes, p = set(), 1
     while p < largest:
-        sizes.update(s for s in (p, p + p // 2) if smallest <= s < largest)
+        quarters = (4, 5, 6, 7) if fine_from is not None and p >= fine_from else (4, 6)
+        sizes.update(s for s in (p * q // 4 for q in quarters) if smallest <= s < largest)
         p *= 2
     return sorted(sizes) + [largest]
 
@@ -173,12 +175,25 @@ class NeuronConfig:
             max_context_length=max_ctx,
             dtype=dtype,
             prefill_lengths=_buckets(
-                "prefill_lengths", self.prefill_lengths, 16, max_ctx, "max_context_length"
+                "prefill_lengths",
+                self.prefill_lengths,
+                16,
+                max_ctx,
+                "max_context_length",
+                must_reach=True,
+                fine_from=128,
             ),
             decode_batch_sizes=_buckets(
-                "decode_batch_sizes", self.decode_batch_sizes, 1, self.batch_size, "batch_size"
+                "decode_batch_sizes",
+                self.decode_batch_sizes,
+                1,
+                self.batch_size,
+                "batch_size",
+                must_reach=False,
             ),
-            decode_lengths=_buckets("decode_lengths", self.decode_lengths, 64, seq_len, "seq_len"),
+            decode_lengths=_buckets(
+                "decode_lengths", self.decode_lengths, 64, seq_len, "seq_len", must_reach=True
+            ),
         )
         return resolved
 
@@ -188,10 +203,19 @@ def _require(ok: bool, name: str, problem: str) -> None:
         raise ConfigError(f"neuron_config.{name}: {problem}")
 
 
-def _buckets(name: str, given: list[int] | None, smallest: int, largest: int, limit_name: str) -> list[int]:
-    """Sorted, deduplicated bucket sizes, none above the limit."""
+def _buckets(
+    name: str,
+    given: list[int] | None,
+    smallest: int,
+    largest: int,
+    limit_name: str,
+    *,
+    must_reach: bool,
+    fine_from: int | None = None,
+) -> list[int]:
+    """Sorted, deduplicated bucket sizes, none above the limit (and the last one at it if `must_reach`)."""
     if given is None:
-        return _ladder(min(smallest, largest), largest)
+        return _ladder(min(smallest, largest), largest, fine_from)
     _require(len(given) > 0, name, "must not be empty")
     _require(
         all(isinstance(b, int) and b >= 1 for b in given), name, f"must be positive integers, got {given}"
@@ -201,6 +225,12 @@ def _buckets(name: str, given: list[int] | None, smallest: int, largest: int, li
         sizes[-1] <= largest,
         name,
         f"bucket {sizes[-1]} is larger than {limit_name}={largest}; drop it or raise {limit_name}",
+    )
+    _require(
+        sizes[-1] == largest or not must_reach,
+        name,
+        f"the largest bucket {sizes[-1]} is below {limit_name}={largest}, which must fit; "
+        f"add {largest} or lower {limit_name}",
     )
     return sizes
 

@@ -41,8 +41,9 @@ def test_prefill_and_decode_logits_match_hf(
         tp_degree=tp_degree,
         backend="neuron",
         dtype="bfloat16",
+        max_context_length=16,
         prefill_lengths=[16],
-        decode_lengths=[64],
+        decode_lengths=[128],
         compiled_artifacts=str(tmp_path / "graphs"),
     )
     model = NeuronQwen2ForCausalLM.from_pretrained(model_dir, config)
