@@ -175,11 +175,19 @@ def run_limits(spec: dict[str, Any]) -> dict[str, Any]:
     return measure()
 
 
+def run_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.limits import read_gbps
+
+    return {"read_gbps": read_gbps()}
+
+
 def main() -> None:
     job, spec_path, out_path = sys.argv[1:4]
     spec = json.loads(Path(spec_path).read_text())
     if job == "limits":
         result = run_limits(spec)
+    elif job == "bandwidth":
+        result = run_bandwidth(spec)
     elif job == "hf":
         result = run_hf(spec)
     else:

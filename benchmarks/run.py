@@ -106,9 +106,14 @@ def run_round(index: int, w: Workload, model: Path, work: Path, opts: argparse.N
         )
         waited = procs.wait_until_quiet(opts.quiet_wait)
         log = logs / f"{engine}-offline.log"
+        # The VM's bandwidth drifts within minutes: measure it right before and after the engine's job.
+        before = procs.run_job("bandwidth", spec, dict(os.environ), logs / f"{engine}-bw-before.log", 600)
         offline = procs.run_job(engine, {**spec, "llm_args": llm_args}, env, log, OFFLINE_TIMEOUT)
-        result[engine] = {"offline": {**offline, "waited_for_quiet": waited}}
+        after = procs.run_job("bandwidth", spec, dict(os.environ), logs / f"{engine}-bw-after.log", 600)
+        bandwidth = [before["read_gbps"], after["read_gbps"]]
+        result[engine] = {"offline": {**offline, "waited_for_quiet": waited, "read_gbps_around": bandwidth}}
         line = f"{offline['throughput']:.1f} tok/s, decode {offline['decode_tps']:.1f} tok/s"
+        line += f" (read bandwidth {bandwidth[0]:.1f} / {bandwidth[1]:.1f} GB/s before / after)"
         line += f", start-up {offline['startup']:.1f} s, other load {offline['foreign_cores']:.2f} cores"
         if not opts.no_server and engine != "hf":
             waited = procs.wait_until_quiet(opts.quiet_wait)

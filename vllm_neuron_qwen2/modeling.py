@@ -3,6 +3,7 @@
 model = NeuronQwen2ForCausalLM.from_pretrained(model_dir, NeuronConfig(batch_size=4, seq_len=512))
 logits = model.prefill(input_ids=[[...], [...]], seq_ids=[3, 0])                 # [2, vocab]
 logits = model.decode(input_ids=[t3, t0], position_ids=[p3, p0], seq_ids=[3, 0])  # [2, vocab]
+logits = model.step(input_ids=[t3], position_ids=[p3], seq_ids=[3], prompts=[[...]], prompt_seq_ids=[1])
 """
 
 from __future__ import annotations
@@ -111,31 +112,8 @@ class NeuronQwen2ForCausalLM:
         of at most `prefill_lengths[-1]` tokens, and the decode rows ride along in the first of them, so
         a step streams the weights once.
         """
-        cfg = self.config
-        n_decode = len(input_ids)
-        if len(position_ids) != n_decode or len(seq_ids) != n_decode:
-            raise ValueError(
-                f"{n_decode} input_ids but {len(position_ids)} position_ids and {len(seq_ids)} seq_ids"
-            )
-        if len(prompt_seq_ids) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(prompt_seq_ids)} prompt_seq_ids")
-        self._check_rows([*seq_ids, *prompt_seq_ids], sampling)
-        if n_decode:
-            if min(position_ids) < 0 or max(position_ids) >= cfg.seq_len:
-                raise ValueError(
-                    f"position_ids must lie in [0, seq_len={cfg.seq_len}), got {list(position_ids)}"
-                )
-            self._check_ids(input_ids)
-        for prompt in prompts:
-            if not prompt:
-                raise ValueError("empty prompt")
-            if len(prompt) > cfg.max_context_length:
-                raise ValueError(
-                    f"prompt of {len(prompt)} tokens exceeds max_context_length={cfg.max_context_length}"
-                )
-            smallest_fitting(cfg.prefill_lengths, len(prompt), "prompt length", "prefill_lengths")
-            self._check_ids(prompt)
-
+        self._check_step(input_ids, position_ids, seq_ids, prompts, prompt_seq_ids, sampling)
+        cfg, n_decode = self.config, len(input_ids)
         out: list[torch.Tensor | None] = [None] * (n_decode + len(prompts))
         sample = sampling is not None
         if not prompts:
@@ -208,6 +186,30 @@ class NeuronQwen2ForCausalLM:
         self.padding.add(bucket, real_tokens)
         for j, row in enumerate(rows):
             out[row] = result[j]
+
+    def _check_step(self, input_ids, position_ids, seq_ids, prompts, prompt_seq_ids, sampling) -> None:
+        cfg, n_decode = self.config, len(input_ids)
+        if len(position_ids) != n_decode or len(seq_ids) != n_decode:
+            raise ValueError(
+                f"{n_decode} input_ids but {len(position_ids)} position_ids and {len(seq_ids)} seq_ids"
+            )
+        if len(prompt_seq_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_seq_ids)} prompt_seq_ids")
+        self._check_rows([*seq_ids, *prompt_seq_ids], sampling)
+        if n_decode:
+            if min(position_ids) < 0 or max(position_ids) >= cfg.seq_len:
+                raise ValueError(
+                    f"position_ids must lie in [0, seq_len={cfg.seq_len}), got {list(position_ids)}"
+                )
+            self._check_ids(input_ids)
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("empty prompt")
+            if len(prompt) > cfg.max_context_length:  # = the largest prefill bucket
+                raise ValueError(
+                    f"prompt of {len(prompt)} tokens exceeds max_context_length={cfg.max_context_length}"
+                )
+            self._check_ids(prompt)
 
     def _check_rows(self, seq_ids: Sequence[int], sampling: torch.Tensor | None) -> None:
         slots, n = self.config.batch_size, len(seq_ids)

@@ -14,7 +14,7 @@ from .cpu import build_cpu_graphs
 def build_graphs(
     decoder: Qwen2Decoder, config: NeuronConfig, buckets: list[Bucket], model_dir: Path
 ) -> dict[Bucket, Callable]:
-    """One callable (input_ids, index, seq_ids, sampling) per bucket. Compiled graphs are loaded from their
+    """One callable per bucket, taking BucketGraph's inputs. Compiled graphs are loaded from their
     artifact folder, or compiled into it first (see `artifacts.prepare`)."""
     if config.backend == "neuron":
         from .neuron import build_neuron_graphs  # torch-neuronx is imported only on this path
