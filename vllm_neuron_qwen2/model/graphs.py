@@ -29,10 +29,7 @@ class BucketGraph(nn.Module):
 
     def forward(self, input_ids, position_ids, seq_ids, logit_index, sampling):
         b = self.bucket
-        if b.kind == "prefill":
-            attend_len = self.decoder.config.seq_len
-        else:
-            attend_len = b.length
+        attend_len = self.decoder.config.seq_len if b.kind == "prefill" else b.length
         logits = self.decoder(input_ids, position_ids, seq_ids, logit_index, b.batch, attend_len)
         if b.sample:
             return sample(logits, sampling, self.decoder.config.max_topk)
