@@ -319,10 +319,12 @@ def test_compile_kill_serve_corrupt(
     fresh = greedy(NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, fresh_config))
     assert tokens == fresh
 
-    # vLLM serves the folder as --model, with the same tokens.
+    # vLLM serves the folder as --model, with the same tokens and, by default, the shapes it was compiled for.
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(out), max_num_seqs=2, max_model_len=128)
+    llm = LLM(model=str(out))
+    config = llm.llm_engine.vllm_config
+    assert (config.model_config.max_model_len, config.scheduler_config.max_num_seqs) == (128, 2)
     params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     llm.llm_engine.engine_core.shutdown()

@@ -61,6 +61,28 @@ def requested_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
     return NeuronConfig.from_dict({**extra, **derived})
 
 
+def fit_to_compiled_folder(vllm_config: VllmConfig) -> None:
+    """Serving a folder made by `vllm-neuron-qwen2 compile`: an unset --max-model-len becomes its seq_len, and
+    a --max-num-seqs above its slots becomes its slot count (vLLM's defaults exceed both). A longer explicit
+    --max-model-len still fails, showing both values."""
+    from .compile import artifacts
+    from .config import NeuronConfig
+
+    mc, sc = vllm_config.model_config, vllm_config.scheduler_config
+    if not artifacts.is_servable(mc.model):
+        return
+    compiled = NeuronConfig.load(mc.model)
+    if mc.original_max_model_len is None and mc.max_model_len != compiled.seq_len:
+        logger.info("vllm-neuron-qwen2: max_model_len=%d, as %s was compiled for", compiled.seq_len, mc.model)
+        mc.max_model_len = compiled.seq_len
+    if sc.max_num_seqs > compiled.batch_size:
+        logger.warning(
+            "vllm-neuron-qwen2: max_num_seqs=%d, the KV slots %s was compiled for (%d were asked)",
+            compiled.batch_size, mc.model, sc.max_num_seqs,
+        )  # fmt: skip
+        sc.max_num_seqs = compiled.batch_size
+
+
 def served_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
     """The resolved NeuronConfig the decoder will serve with, checked at start-up rather than at load.
 
@@ -228,6 +250,7 @@ class NeuronQwen2Platform(Platform):
             return
 
         _reject_unsupported(vllm_config)
+        fit_to_compiled_folder(vllm_config)
         cls._max_prompt_len = served_neuron_config(vllm_config).max_context_length
         cls._vocab_size = mc.get_vocab_size()
 
