@@ -1,6 +1,6 @@
 """The class vLLM's model registry sees for `Qwen2ForCausalLM` while this platform is active.
 
-It wraps the static-shape Neuron decoder. The model runner drives it through `prefill`/`decode` with KV slots;
+It wraps the static-shape Neuron decoder. The model runner drives it through `step` with KV slots;
 vLLM's own `forward(input_ids, positions)` calling convention (flattened tokens, paged attention) does not
 apply to bucket graphs.
 """
@@ -54,7 +54,7 @@ class NeuronQwen2ForVLLM(nn.Module):
     def _driven_by_runner(self) -> NotImplementedError:
         return NotImplementedError(
             "the Neuron decoder runs static bucket graphs over KV slots; "
-            "vllm_neuron_qwen2.runner drives it through decoder.prefill/decode"
+            "vllm_neuron_qwen2.runner drives it through decoder.step"
         )
 
     # vLLM's text-generation interface, which the registry checks. Never called on this platform.

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, NeuronConfig, Qwen2Shape
 from ..model.graphs import BucketGraph, example_inputs
-from ..model.parallel import TPGroup, VocabParallelEmbedding
+from ..model.parallel import TPGroup, VocabParallelEmbedding, embed_owned
 from ..model.qwen2 import Qwen2Decoder
 from . import artifacts
 from .buckets import Bucket
@@ -101,10 +100,7 @@ class SPMDEmbedding(nn.Module):
         self.start = nn.Parameter(torch.tensor(embedding.start), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight.shape[0]
-        local = ids - self.start
-        owned = (local >= 0) & (local < rows)
-        return self.tp.all_reduce(F.embedding(local.clamp(0, rows - 1), self.weight) * owned.unsqueeze(-1))
+        return self.tp.all_reduce(embed_owned(ids, self.start, self.weight))
 
 
 class StatefulGraph(BucketGraph):

@@ -140,10 +140,15 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.group is None:
             return F.embedding(ids, self.weight)
-        local = ids - self.start
-        owned = (local >= 0) & (local < self.weight.shape[0])
-        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * owned.unsqueeze(-1)
-        return self.tp.all_reduce(x)
+        return self.tp.all_reduce(embed_owned(ids, self.start, self.weight))
+
+
+def embed_owned(ids: torch.Tensor, start: int | torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Embeddings of `ids` from this rank's vocabulary rows (ids start..); other ranks' ids embed to zero."""
+    rows = weight.shape[0]
+    local = ids - start
+    owned = (local >= 0) & (local < rows)
+    return F.embedding(local.clamp(0, rows - 1), weight) * owned.unsqueeze(-1)
 
 
 class VocabParallelLMHead(ShardLinear):
