@@ -209,6 +209,29 @@ def test_seed_reproducible_across_batches_and_paths(default_llm: tuple[Any, Path
         assert first != other
 
 
+def test_padding_stats_through_collective_rpc(default_llm: tuple[Any, Path]) -> None:
+    # what benchmarks/ reports as padding waste: every prompt token counted once, in packed prefill calls
+    llm, _ = default_llm
+
+    def stats() -> dict[tuple, tuple[int, int]]:
+        return {tuple(row[:4]): (row[4], row[5]) for row in llm.collective_rpc("padding_stats")[0]}
+
+    before = stats()
+    lengths = [5, 30, 17, 60, 9, 44]
+    prompts = token_prompts(len(lengths), lengths, tokenizer_vocab(llm), seed=3)
+    generate(llm, prompts, sampling(temperature=0.0, max_tokens=10, ignore_eos=True))
+    delta = {
+        bucket: (real - before.get(bucket, (0, 0))[0], pad - before.get(bucket, (0, 0))[1])
+        for bucket, (real, pad) in stats().items()
+    }
+    prefill = {b: rp for b, rp in delta.items() if b[0] == "prefill" and rp != (0, 0)}
+    assert sum(real for real, _ in prefill.values()) == sum(lengths)
+    for (_, batch, length, _), (real, pad) in prefill.items():
+        assert batch == SLOTS and pad >= 0 and (real + pad) % length == 0  # whole calls of the bucket
+    decoded = sum(real for b, (real, _) in delta.items() if b[0] == "decode")
+    assert 0 < decoded <= len(lengths) * 9  # the rest of the 9 rode along in prefill calls
+
+
 def test_n_2(default_llm: tuple[Any, Path]) -> None:
     llm, _ = default_llm
     prompt = token_prompts(1, [12], tokenizer_vocab(llm), seed=3)
