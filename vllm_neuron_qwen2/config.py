@@ -78,22 +78,28 @@ class Qwen2Shape:
         return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
-def _ladder(smallest: int, largest: int, fine_from: int | None = None) -> list[int]:
-    """Bucket sizes 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them), capped by `largest`;
-    from `fine_from` on also 1.25x and 1.75x them.
+def _ladder(smallest: int, largest: int, multiple: int = 1, halves: bool = True) -> list[int]:
+    """The powers of two (and, with `halves`, 1.5x them) in [smallest, largest) that are multiples of
+    `multiple`, then `largest`.
 
-    Steps of at most 1.5x (1.25x) cap padding at a third (a fifth) of a bucket while the number of
-    graphs grows only logarithmically.
+    Steps of at most 1.5x (2x) cap padding at a third (a half) of a bucket, while the number of graphs
+    grows only logarithmically.
     """
     sizes, p = set(), 1
     while p < largest:
-        quarters = (4, 5, 6, 7) if fine_from is not None and p >= fine_from else (4, 6)
-        sizes.update(s for s in (p * q // 4 for q in quarters) if smallest <= s < largest)
+        sizes.update(
+            s for s in (p, p * 3 // 2 if halves else p) if smallest <= s < largest and s % multiple == 0
+        )
         p *= 2
     return sorted(sizes) + [largest]
 
 
-BUCKET_FIELDS = ("prefill_lengths", "decode_batch_sizes", "decode_lengths")
+BUCKET_FIELDS = ("prefill_lengths", "decode_batch_sizes", "context_lengths")
+# Prefill tokens are laid out in tiles of this many queries; each tile attends to its own sequence's blocks.
+PREFILL_TILE = 16
+BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 
 
 @dataclass
@@ -103,16 +109,20 @@ class NeuronConfig:
     `None` fields are derived from the model config in `resolve()`.
     """
 
-    batch_size: int = 1  # KV-cache slots: the most sequences alive at once
+    batch_size: int = 1  # the most sequences in one step (vLLM's max_num_seqs)
     seq_len: int | None = None  # most tokens (prompt + output) per sequence
-    max_context_length: int | None = None  # longest prompt
     tp_degree: int = 1
     dtype: str | None = None  # float32 on cpu, bfloat16 on neuron
     backend: str = "cpu"
-    prefill_lengths: list[int] | None = None  # prompt tokens per prefill call (prompts are packed)
-    decode_batch_sizes: list[int] | None = None  # rows per decode call
-    decode_lengths: list[int] | None = None  # attended KV prefix per decode call
-    on_device_sampling: bool = True  # greedy/temperature/top-k/top-p inside the graph
+    block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV-cache block
+    num_blocks: int | None = (
+        None  # KV-cache blocks incl. block 0 (padding); default: batch_size full sequences
+    )
+    max_num_batched_tokens: int | None = None  # tokens per step (vLLM's); default min(seq_len, 512)
+    prefill_lengths: list[int] | None = None  # prompt tokens per prefill graph (multiples of PREFILL_TILE)
+    decode_batch_sizes: list[int] | None = None  # rows per decode graph
+    context_lengths: list[int] | None = None  # KV positions a row attends (multiples of block_size)
+    on_device_sampling: bool = True  # greedy/temperature/top-k/top-p inside the decode graphs
     max_topk: int = 256  # top-k bound of the in-graph sampler (as on Neuron)
     compile_mode: str = "eager"  # cpu backend: run graphs eagerly or through torch.compile
     compiled_artifacts: str | None = None  # artifact folder; default ~/.cache/vllm-neuron-qwen2/<key>
@@ -136,6 +146,11 @@ class NeuronConfig:
     @classmethod
     def load(cls, folder: str | Path) -> NeuronConfig:
         return cls.from_dict(json.loads((Path(folder) / NEURON_CONFIG_FILE).read_text()))
+
+    @property
+    def blocks_per_seq(self) -> int:
+        """Blocks one full-length sequence needs (the width of a block table)."""
+        return math.ceil(self.seq_len / self.block_size)
 
     def resolve(self, shape: Qwen2Shape) -> NeuronConfig:
         """Fill the defaults from the model config and check every field; returns a new config."""
@@ -162,40 +177,56 @@ class NeuronConfig:
             "seq_len",
             f"{seq_len} exceeds max_position_embeddings={shape.max_position_embeddings}; lower it",
         )
-        max_ctx = self.max_context_length or seq_len
         _require(
-            1 <= max_ctx <= seq_len,
-            "max_context_length",
-            f"{max_ctx} must be between 1 and seq_len={seq_len}",
+            self.block_size in BLOCK_SIZES,
+            "block_size",
+            f"{self.block_size} is not one of {BLOCK_SIZES} (--block-size)",
         )
+        blocks_per_seq = math.ceil(seq_len / self.block_size)
+        num_blocks = self.num_blocks or 1 + self.batch_size * blocks_per_seq
+        _require(
+            num_blocks >= 1 + blocks_per_seq,
+            "num_blocks",
+            f"{num_blocks} blocks of {self.block_size} tokens cannot hold one sequence of seq_len={seq_len} "
+            f"({blocks_per_seq} blocks) besides the padding block 0; use at least {1 + blocks_per_seq} "
+            "(--num-gpu-blocks-override)",
+        )
+        budget = self.max_num_batched_tokens or min(seq_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
+        _require(budget >= 1, "max_num_batched_tokens", f"must be >= 1, got {budget}")
         _require(self.max_topk >= 1, "max_topk", f"must be >= 1, got {self.max_topk}")
-        resolved = dataclasses.replace(
+        context = blocks_per_seq * self.block_size
+        # A step's chunks fit one prefill graph even when each ends in a part-filled tile.
+        prefill_tokens = pad_to_multiple(budget, PREFILL_TILE) + (self.batch_size - 1) * PREFILL_TILE
+        return dataclasses.replace(
             self,
             seq_len=seq_len,
-            max_context_length=max_ctx,
             dtype=dtype,
+            num_blocks=num_blocks,
+            max_num_batched_tokens=budget,
             prefill_lengths=_buckets(
                 "prefill_lengths",
-                self.prefill_lengths,
-                16,
-                max_ctx,
-                "max_context_length",
-                must_reach=True,
-                fine_from=128,
+                self.prefill_lengths or _ladder(PREFILL_TILE, prefill_tokens, PREFILL_TILE),
+                prefill_tokens,
+                "max_num_batched_tokens plus tile padding",
+                PREFILL_TILE,
             ),
+            # powers of two: decode steps mostly run full, so finer sizes would buy little padding
             decode_batch_sizes=_buckets(
                 "decode_batch_sizes",
-                self.decode_batch_sizes,
-                1,
+                self.decode_batch_sizes or _ladder(1, self.batch_size, halves=False),
                 self.batch_size,
                 "batch_size",
-                must_reach=False,
+                1,
             ),
-            decode_lengths=_buckets(
-                "decode_lengths", self.decode_lengths, 64, seq_len, "seq_len", must_reach=True
+            # one length by default: a decode row's attention is small next to streaming the weights
+            context_lengths=_buckets(
+                "context_lengths",
+                self.context_lengths or [context],
+                context,
+                "seq_len rounded up to a block",
+                self.block_size,
             ),
         )
-        return resolved
 
 
 def _require(ok: bool, name: str, problem: str) -> None:
@@ -203,34 +234,19 @@ def _require(ok: bool, name: str, problem: str) -> None:
         raise ConfigError(f"neuron_config.{name}: {problem}")
 
 
-def _buckets(
-    name: str,
-    given: list[int] | None,
-    smallest: int,
-    largest: int,
-    limit_name: str,
-    *,
-    must_reach: bool,
-    fine_from: int | None = None,
-) -> list[int]:
-    """Sorted, deduplicated bucket sizes, none above the limit (and the last one at it if `must_reach`)."""
-    if given is None:
-        return _ladder(min(smallest, largest), largest, fine_from)
+def _buckets(name: str, given: list[int], largest: int, limit_name: str, multiple: int) -> list[int]:
+    """Sorted, deduplicated bucket sizes, multiples of `multiple`, the largest one at the limit."""
     _require(len(given) > 0, name, "must not be empty")
     _require(
-        all(isinstance(b, int) and b >= 1 for b in given), name, f"must be positive integers, got {given}"
+        all(isinstance(b, int) and b >= 1 and b % multiple == 0 for b in given),
+        name,
+        f"must be positive multiples of {multiple}, got {given}",
     )
     sizes = sorted(set(given))
     _require(
-        sizes[-1] <= largest,
+        sizes[-1] == largest,
         name,
-        f"bucket {sizes[-1]} is larger than {limit_name}={largest}; drop it or raise {limit_name}",
-    )
-    _require(
-        sizes[-1] == largest or not must_reach,
-        name,
-        f"the largest bucket {sizes[-1]} is below {limit_name}={largest}, which must fit; "
-        f"add {largest} or lower {limit_name}",
+        f"the largest bucket must be {limit_name}={largest}, got {sizes[-1]}",
     )
     return sizes
 

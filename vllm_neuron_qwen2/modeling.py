@@ -1,26 +1,34 @@
-"""NeuronQwen2ForCausalLM: the standalone API. Requests name KV slots; calls are padded into buckets.
+"""NeuronQwen2ForCausalLM: the standalone API. Steps are planned into padded bucket-graph calls on the host.
 
 model = NeuronQwen2ForCausalLM.from_pretrained(model_dir, NeuronConfig(batch_size=4, seq_len=512))
 logits = model.prefill(input_ids=[[...], [...]], seq_ids=[3, 0])                 # [2, vocab]
 logits = model.decode(input_ids=[t3, t0], position_ids=[p3, p0], seq_ids=[3, 0])  # [2, vocab]
 logits = model.step(input_ids=[t3], position_ids=[p3], seq_ids=[3], prompts=[[...]], prompt_seq_ids=[1])
+logits = model.step_paged(tokens=[[t], [...]], starts=[p, 0], block_tables=[[1, 2], [3]])  # paged callers
+
+Slot callers (`seq_ids`) get a fixed run of blocks per slot; paged callers (vLLM's runner) bring their own
+block tables, which may share blocks holding a common prefix.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .compile import artifacts
 from .compile.backend import build_graphs
-from .compile.buckets import Bucket, all_buckets, smallest_fitting
-from .config import NeuronConfig, Qwen2Shape
+from .compile.buckets import Bucket, all_buckets, describe, smallest_fitting
+from .config import PREFILL_TILE, NeuronConfig, Qwen2Shape
+from .model.kv_cache import PADDING_BLOCK
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
+from .model.sampling import sample
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +41,7 @@ class PaddingStats:
         self.padded: Counter[Bucket] = Counter()
 
     def add(self, bucket: Bucket, real: int) -> None:
-        total = bucket.length if bucket.kind == "prefill" else bucket.batch  # packed prompt tokens, or rows
+        total = bucket.tokens or bucket.rows  # packed prompt-chunk tokens, or one-token rows
         self.real[bucket] += real
         self.padded[bucket] += total - real
 
@@ -66,16 +74,24 @@ class NeuronQwen2ForCausalLM:
             tp = TPGroup(size=config.tp_degree)
         else:
             tp = TPGroup.current(config.tp_degree)
-        logger.info(
-            "Qwen2 decoder: %d layers, tp_degree=%d (rank %d), %d slots x %d tokens, %s, backend=%s",
-            shape.num_hidden_layers, config.tp_degree, tp.rank, config.batch_size, config.seq_len,
-            config.dtype, config.backend,
-        )  # fmt: skip
+        buckets = all_buckets(config)
+        if tp.rank == 0:
+            logger.info(
+                "Qwen2 decoder: %d layers, tp_degree=%d, up to %d sequences x %d tokens, KV pool %d blocks "
+                "of %d tokens, %s, backend=%s; %s",
+                shape.num_hidden_layers, config.tp_degree, config.batch_size, config.seq_len,
+                config.num_blocks, config.block_size, config.dtype, config.backend, describe(buckets),
+            )  # fmt: skip
         decoder = Qwen2Decoder(shape, config, tp)
         artifacts.load_weights(decoder, model_dir, progress=tp.rank == 0)
         decoder.eval()
-        graphs = build_graphs(decoder, config, all_buckets(config), model_dir)
+        graphs = build_graphs(decoder, config, buckets, model_dir)
         return cls(decoder, config, graphs)
+
+    def slot_blocks(self, slot: int) -> list[int]:
+        """The block table of KV slot `slot` for slot callers: its own run of blocks after block 0."""
+        first = 1 + slot * self.config.blocks_per_seq
+        return list(range(first, first + self.config.blocks_per_seq))
 
     def prefill(
         self, input_ids: Sequence[Sequence[int]], seq_ids: Sequence[int], sampling: torch.Tensor | None = None
@@ -93,7 +109,6 @@ class NeuronQwen2ForCausalLM:
         """One token per slot at its position; returns logits [B, vocab] (or sampled ids [B])."""
         return self.step(input_ids=input_ids, position_ids=position_ids, seq_ids=seq_ids, sampling=sampling)
 
-    @torch.inference_mode()
     def step(
         self,
         *,
@@ -104,149 +119,204 @@ class NeuronQwen2ForCausalLM:
         prompt_seq_ids: Sequence[int] = (),
         sampling: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One serving step: slots `seq_ids` each take one token (input_ids at position_ids) and whole
-        `prompts` are written into slots `prompt_seq_ids`. Returns logits [rows, vocab] (or sampled ids
-        [rows]), the decode rows first, then the prompts.
-
-        Without prompts, decode rows run in decode graphs. Prompts are packed end to end into prefill graphs
-        of at most `prefill_lengths[-1]` tokens, and the decode rows ride along in the first of them, so
-        a step streams the weights once.
+        """One serving step over KV slots: slots `seq_ids` each take one token (input_ids at position_ids)
+        and whole `prompts` are written into slots `prompt_seq_ids`. Returns logits [rows, vocab] (or sampled
+        ids [rows]), the decode rows first, then the prompts. See `step_paged`.
         """
-        self._check_step(input_ids, position_ids, seq_ids, prompts, prompt_seq_ids, sampling)
-        cfg, n_decode = self.config, len(input_ids)
-        out: list[torch.Tensor | None] = [None] * (n_decode + len(prompts))
-        sample = sampling is not None
-        if not prompts:
-            for rows in _chunks(range(n_decode), cfg.decode_batch_sizes[-1]):
-                batch = smallest_fitting(
-                    cfg.decode_batch_sizes, len(rows), "decode batch", "decode_batch_sizes"
-                )
-                length = smallest_fitting(
-                    cfg.decode_lengths,
-                    max(position_ids[r] for r in rows) + 1,
-                    "decode position",
-                    "decode_lengths",
-                )
-                self._run(
-                    Bucket("decode", batch, length, sample),
-                    rows,
-                    len(rows),
-                    ids=[input_ids[r] for r in rows],
-                    positions=[position_ids[r] for r in rows],
-                    slots=[seq_ids[r] for r in rows],
-                    logit_index=list(range(len(rows))),
-                    sampling=sampling,
-                    out=out,
-                )
-            return torch.stack(out)
-
-        spare = self.decoder.kv_cache.spare_slot
-        carried = list(range(n_decode))  # decode rows, carried by the first prefill call
-        for group in _pack([len(p) for p in prompts], cfg.prefill_lengths[-1]):
-            batch = cfg.batch_size
-            ids = _padded([input_ids[r] for r in carried], batch, 0)
-            positions = _padded([position_ids[r] for r in carried], batch, 0)
-            slots = _padded([seq_ids[r] for r in carried], batch, spare)
-            logit_index = list(range(len(carried)))
-            for k in group:
-                ids += prompts[k]
-                positions += range(len(prompts[k]))
-                slots += [prompt_seq_ids[k]] * len(prompts[k])
-                logit_index.append(len(ids) - 1)
-            real = len(ids) - batch
-            length = smallest_fitting(cfg.prefill_lengths, real, "prompt tokens", "prefill_lengths")
-            self._run(
-                Bucket("prefill", batch, length, sample),
-                [*carried, *(n_decode + k for k in group)],
-                real,
-                ids=ids,
-                positions=positions,
-                slots=slots,
-                logit_index=logit_index,
-                sampling=sampling,
-                out=out,
-            )
-            carried = []
-        return torch.stack(out)
-
-    def _run(self, bucket, rows, real_tokens, *, ids, positions, slots, logit_index, sampling, out) -> None:
-        """Run one bucket graph, its inputs padded to the bucket's shapes (padding in the spare slot);
-        output row j is the caller's row rows[j] and goes into out."""
-        n, spare = bucket.tokens(), self.decoder.kv_cache.spare_slot
-        params = torch.zeros(bucket.batch, 4)
-        if sampling is not None:
-            params[: len(rows)] = sampling[list(rows)]
-        result = self.graphs[bucket](
-            torch.tensor(_padded(ids, n, 0)),
-            torch.tensor(_padded(positions, n, 0)),
-            torch.tensor(_padded(slots, n, spare)),
-            torch.tensor(_padded(logit_index, bucket.batch, 0)),
-            params,
-        )
-        self.padding.add(bucket, real_tokens)
-        for j, row in enumerate(rows):
-            out[row] = result[j]
-
-    def _check_step(self, input_ids, position_ids, seq_ids, prompts, prompt_seq_ids, sampling) -> None:
-        cfg, n_decode = self.config, len(input_ids)
-        if len(position_ids) != n_decode or len(seq_ids) != n_decode:
+        if len(position_ids) != len(input_ids) or len(seq_ids) != len(input_ids):
             raise ValueError(
-                f"{n_decode} input_ids but {len(position_ids)} position_ids and {len(seq_ids)} seq_ids"
+                f"{len(input_ids)} input_ids but {len(position_ids)} position_ids and {len(seq_ids)} seq_ids"
             )
         if len(prompt_seq_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_seq_ids)} prompt_seq_ids")
-        self._check_rows([*seq_ids, *prompt_seq_ids], sampling)
-        if n_decode:
-            if min(position_ids) < 0 or max(position_ids) >= cfg.seq_len:
-                raise ValueError(
-                    f"position_ids must lie in [0, seq_len={cfg.seq_len}), got {list(position_ids)}"
-                )
-            self._check_ids(input_ids)
-        for prompt in prompts:
-            if not prompt:
-                raise ValueError("empty prompt")
-            if len(prompt) > cfg.max_context_length:  # = the largest prefill bucket
-                raise ValueError(
-                    f"prompt of {len(prompt)} tokens exceeds max_context_length={cfg.max_context_length}"
-                )
-            self._check_ids(prompt)
-
-    def _check_rows(self, seq_ids: Sequence[int], sampling: torch.Tensor | None) -> None:
-        slots, n = self.config.batch_size, len(seq_ids)
-        if n == 0:
-            raise ValueError("need at least one row")
-        if len(set(seq_ids)) != n or not all(0 <= s < slots for s in seq_ids):
+        slots, cfg = [*seq_ids, *prompt_seq_ids], self.config
+        if len(set(slots)) != len(slots) or not all(0 <= s < cfg.batch_size for s in slots):
             raise ValueError(
-                f"seq_ids must be distinct slots in [0, batch_size={slots}), got {list(seq_ids)}"
+                f"seq_ids must be distinct slots in [0, batch_size={cfg.batch_size}), got {slots}"
             )
+        if cfg.num_blocks < 1 + cfg.batch_size * cfg.blocks_per_seq:
+            raise ValueError(
+                f"slot seq_ids need num_blocks >= {1 + cfg.batch_size * cfg.blocks_per_seq} "
+                f"(batch_size full sequences), this model has {cfg.num_blocks}; use step_paged"
+            )
+        return self.step_paged(
+            tokens=[[t] for t in input_ids] + [list(p) for p in prompts],
+            starts=[*position_ids, *[0] * len(prompts)],
+            block_tables=[self.slot_blocks(s) for s in slots],
+            sampling=sampling,
+        )
+
+    @torch.inference_mode()
+    def step_paged(
+        self,
+        *,
+        tokens: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        sampling: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One serving step over paged sequences. Row r continues its sequence with `tokens[r]` at positions
+        `starts[r]`, `starts[r] + 1`, ...: their K/V go into the blocks `block_tables[r]` (block ids in
+        [1, num_blocks); position p lives in block `block_tables[r][p // block_size]`), and each token
+        attends to every position before it in those blocks, written by this or any earlier step. Blocks may
+        be shared by rows whose sequences share a prefix, as long as no row writes a shared block.
+
+        Returns the logits of each row's last token [rows, vocab], or, with `sampling` [rows, 4]
+        (temperature, top_k, top_p, uniform draw; see model/sampling.py), sampled token ids [rows].
+
+        One-token rows run in a decode graph. Rows of several tokens (prompt chunks) are packed end to end,
+        in tiles of PREFILL_TILE, into a prefill graph that also carries the one-token rows, so a step
+        streams the weights once; rows longer than the largest prefill bucket continue in further calls.
+        """
+        self._check_paged(tokens, starts, block_tables, sampling)
+        cfg = self.config
+        rows = [
+            _Row(r, list(t), s, block_tables[r]) for r, (t, s) in enumerate(zip(tokens, starts, strict=True))
+        ]
+        singles = [row for row in rows if len(row.tokens) == 1]
+        chunks = [row for row in rows if len(row.tokens) > 1]
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        if not chunks:
+            for group in _groups(singles, cfg.decode_batch_sizes[-1]):
+                batch = smallest_fitting(
+                    cfg.decode_batch_sizes, len(group), "decode rows", "decode_batch_sizes"
+                )
+                context = smallest_fitting(
+                    cfg.context_lengths, max(r.end for r in group), "context", "context_lengths"
+                )
+                bucket = Bucket(batch, 0, context, sampling is not None)
+                self._run(bucket, group, [], sampling, out)
+            return torch.stack(out)
+        for call, pieces in enumerate(_pack(chunks, cfg.prefill_lengths[-1])):
+            used = sum(math.ceil(len(p.tokens) / PREFILL_TILE) * PREFILL_TILE for p in pieces)
+            length = smallest_fitting(cfg.prefill_lengths, used, "prefill tokens", "prefill_lengths")
+            bucket = Bucket(cfg.batch_size, length, cfg.context_lengths[-1], False)
+            self._run(bucket, singles if call == 0 else [], pieces, None, out)
+        logits = torch.stack(out)
+        return logits if sampling is None else sample(logits, sampling, cfg.max_topk)
+
+    def _run(
+        self,
+        bucket: Bucket,
+        singles: list[_Row],
+        pieces: list[_Row],
+        sampling: torch.Tensor | None,
+        out: list[torch.Tensor | None],
+    ) -> None:
+        """Run one bucket graph over one-token rows and tiled prompt pieces, padded to the bucket's shapes
+        (padding writes into block 0); each row's logits (or token) go to out[row.index]."""
+        bs, width = self.config.block_size, bucket.context // self.config.block_size
+        ids, positions, slots, tables, logit_index, owners = [], [], [], [], [], []
+
+        def add(row: _Row, n_tokens: int, n_tables: int) -> None:
+            ids.extend(row.tokens)
+            positions.extend(range(row.start, row.end))
+            slots.extend(row.blocks[p // bs] * bs + p % bs for p in range(row.start, row.end))
+            pad = n_tokens - len(row.tokens)
+            ids.extend([0] * pad)
+            positions.extend([0] * pad)
+            slots.extend([0] * pad)
+            table = [*row.blocks[:width], *[PADDING_BLOCK] * (width - len(row.blocks))]
+            tables.extend([table] * n_tables)
+            if row.last:
+                logit_index.append(len(ids) - n_tokens + len(row.tokens) - 1)
+                owners.append(row.index)
+
+        for row in singles:
+            add(row, 1, 1)
+        padding_row = _Row(-1, [], 0, [], last=False)
+        for _ in range(bucket.rows - len(singles)):
+            add(padding_row, 1, 1)
+        for piece in pieces:
+            n_tiles = math.ceil(len(piece.tokens) / PREFILL_TILE)
+            add(piece, n_tiles * PREFILL_TILE, n_tiles)
+        for _ in range((bucket.rows + bucket.tokens - len(ids)) // PREFILL_TILE):
+            add(padding_row, PREFILL_TILE, 1)
+
+        params = torch.zeros(bucket.rows, 4)
         if sampling is not None:
-            if not self.config.on_device_sampling:
+            params[: len(owners)] = sampling[owners]
+        result = self.graphs[bucket](
+            torch.tensor(ids),
+            torch.tensor(positions),
+            torch.tensor(slots),
+            torch.tensor(tables),
+            torch.tensor(_padded(logit_index, bucket.rows, 0)),
+            params,
+        )
+        self.padding.add(bucket, sum(len(p.tokens) for p in pieces) if pieces else len(singles))
+        for j, row in enumerate(owners):
+            out[row] = result[j]
+
+    def _check_paged(self, tokens, starts, block_tables, sampling) -> None:
+        cfg, n = self.config, len(tokens)
+        if len(starts) != n or len(block_tables) != n:
+            raise ValueError(f"{n} token rows but {len(starts)} starts and {len(block_tables)} block tables")
+        if not 1 <= n <= cfg.batch_size:
+            raise ValueError(f"a step takes 1 to batch_size={cfg.batch_size} rows, got {n}")
+        for row, start, blocks in zip(tokens, starts, block_tables, strict=True):
+            if not row:
+                raise ValueError("empty prompt")
+            end = start + len(row)
+            if start < 0 or end > cfg.seq_len:
+                raise ValueError(f"positions {start}..{end - 1} must lie in [0, seq_len={cfg.seq_len})")
+            if len(blocks) < math.ceil(end / cfg.block_size):
+                raise ValueError(
+                    f"a row reaching position {end - 1} needs {math.ceil(end / cfg.block_size)} blocks "
+                    f"of {cfg.block_size}, its block table has {len(blocks)}"
+                )
+            if not all(0 < b < cfg.num_blocks for b in blocks):
+                raise ValueError(
+                    f"block ids must lie in [1, num_blocks={cfg.num_blocks}), got {list(blocks)}"
+                )
+            if min(row) < 0 or max(row) >= self.vocab_size:
+                raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size})")
+        if sampling is not None:
+            if not cfg.on_device_sampling:
                 raise ValueError("sampling= needs neuron_config.on_device_sampling=true")
             if tuple(sampling.shape) != (n, 4):
                 raise ValueError(f"sampling must be a [{n}, 4] tensor, got {list(sampling.shape)}")
 
-    def _check_ids(self, ids: Sequence[int]) -> None:
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size})")
+
+@dataclass
+class _Row:
+    """A row's tokens in one graph call: `tokens` at positions start.., into `blocks`; `last` when they end
+    the caller's row (its logits are the row's)."""
+
+    index: int
+    tokens: list[int]
+    start: int
+    blocks: Sequence[int]
+    last: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
 
 
 def _padded(values: list[int], size: int, fill: int) -> list[int]:
     return [*values, *[fill] * (size - len(values))]
 
 
-def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Consecutive groups of indices whose lengths sum to at most `capacity` (each length fits alone)."""
-    groups: list[list[int]] = [[]]
-    used = 0
-    for i, n in enumerate(lengths):
-        if used + n > capacity:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += n
-    return groups
+def _pack(chunks: list[_Row], capacity: int) -> list[list[_Row]]:
+    """Split the chunks, in order, into calls of at most `capacity` tile-padded tokens; a chunk that does
+    not fit in what is left of a call continues in the next one."""
+    calls: list[list[_Row]] = [[]]
+    free = capacity
+    for chunk in chunks:
+        at = 0
+        while at < len(chunk.tokens):
+            if free < PREFILL_TILE:
+                calls.append([])
+                free = capacity
+            take = min(len(chunk.tokens) - at, free)
+            end = at + take
+            last = end == len(chunk.tokens)
+            calls[-1].append(_Row(chunk.index, chunk.tokens[at:end], chunk.start + at, chunk.blocks, last))
+            free -= math.ceil(take / PREFILL_TILE) * PREFILL_TILE
+            at = end
+    return calls
 
 
-def _chunks(rows: Sequence[int], size: int) -> list[list[int]]:
-    rows = list(rows)
+def _groups(rows: list[_Row], size: int) -> list[list[_Row]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]

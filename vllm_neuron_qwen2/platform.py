@@ -13,6 +13,7 @@ from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
 from . import BACKEND_ENV, active_backend
+from .config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -35,7 +36,13 @@ _DERIVED_FIELDS = {
     "tp_degree": "--tensor-parallel-size",
     "dtype": "--dtype",
     "backend": BACKEND_ENV,
+    "block_size": "--block-size",
+    "num_blocks": "--num-gpu-blocks-override",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
 }
+# vLLM's defaults when these options are not given: a step budget that one prefill graph covers, and
+# as many sequences as a Neuron decode graph serves well (vLLM's own 256 would mean a 256-row ladder).
+DEFAULT_MAX_NUM_SEQS = 8
 
 
 def requested_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
@@ -45,12 +52,16 @@ def requested_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
     extra = (vllm_config.additional_config or {}).get("neuron_config") or {}
     if not isinstance(extra, dict):
         raise ValueError("--additional-config: 'neuron_config' must be a JSON object")
+    sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
     derived = {
-        "batch_size": vllm_config.scheduler_config.max_num_seqs,
+        "batch_size": sc.max_num_seqs,
         "seq_len": vllm_config.model_config.max_model_len,
         "tp_degree": vllm_config.parallel_config.tensor_parallel_size,
         "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),
         "backend": active_backend(),
+        "block_size": cc.block_size,
+        "num_blocks": cc.num_gpu_blocks_override,
+        "max_num_batched_tokens": sc.max_num_batched_tokens,
     }
     for key, value in derived.items():
         if key in extra and extra[key] != value:
@@ -62,25 +73,34 @@ def requested_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
 
 
 def fit_to_compiled_folder(vllm_config: VllmConfig) -> None:
-    """Serving a folder made by `vllm-neuron-qwen2 compile`: an unset --max-model-len becomes its seq_len, and
-    a --max-num-seqs above its slots becomes its slot count (vLLM's defaults exceed both). A longer explicit
-    --max-model-len still fails, showing both values."""
+    """Serving a folder made by `vllm-neuron-qwen2 compile`: options left at their defaults take the folder's
+    values (--max-model-len, --block-size, --num-gpu-blocks-override), and --max-num-seqs and
+    --max-num-batched-tokens are capped at what it was compiled for. Other explicit values must match
+    the folder (checked in `served_neuron_config`, which shows both)."""
     from .compile import artifacts
     from .config import NeuronConfig
 
-    mc, sc = vllm_config.model_config, vllm_config.scheduler_config
+    mc, sc, cc = vllm_config.model_config, vllm_config.scheduler_config, vllm_config.cache_config
     if not artifacts.is_servable(mc.model):
         return
     compiled = NeuronConfig.load(mc.model)
     if mc.original_max_model_len is None and mc.max_model_len != compiled.seq_len:
         logger.info("vllm-neuron-qwen2: max_model_len=%d, as %s was compiled for", compiled.seq_len, mc.model)
         mc.max_model_len = compiled.seq_len
-    if sc.max_num_seqs > compiled.batch_size:
-        logger.warning(
-            "vllm-neuron-qwen2: max_num_seqs=%d, the KV slots %s was compiled for (%d were asked)",
-            compiled.batch_size, mc.model, sc.max_num_seqs,
-        )  # fmt: skip
-        sc.max_num_seqs = compiled.batch_size
+    if not cc.user_specified_block_size:
+        cc.block_size = compiled.block_size
+    if cc.num_gpu_blocks_override is None:
+        cc.num_gpu_blocks_override = compiled.num_blocks
+    for option, name, compiled_value in (
+        ("max_num_seqs", "max_num_seqs", compiled.batch_size),
+        ("max_num_batched_tokens", "max_num_batched_tokens", compiled.max_num_batched_tokens),
+    ):
+        if getattr(sc, option) > compiled_value:
+            logger.warning(
+                "vllm-neuron-qwen2: %s=%d, as %s was compiled for (%d were asked)",
+                name, compiled_value, mc.model, getattr(sc, option),
+            )  # fmt: skip
+            setattr(sc, option, compiled_value)
 
 
 def served_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
@@ -149,6 +169,23 @@ def _replace_parallel_check() -> None:
     ModelConfig.verify_with_parallel_config = verify_with_parallel_config
 
 
+def _replace_batch_defaults() -> None:
+    """vLLM's defaults for --max-num-seqs (256) and --max-num-batched-tokens (2048-8192) are sized for GPUs;
+    here every decode row count and prefill length is a compiled graph, so the platform sets its own."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    contexts = [None, *UsageContext]
+
+    def get_batch_defaults(cls: type, world_size: int) -> tuple[dict, dict]:
+        return (
+            dict.fromkeys(contexts, DEFAULT_MAX_NUM_BATCHED_TOKENS),
+            dict.fromkeys(contexts, DEFAULT_MAX_NUM_SEQS),
+        )
+
+    EngineArgs.get_batch_defaults = classmethod(get_batch_defaults)
+
+
 def _make_accelerator_cache_calls_safe() -> None:
     # vLLM's shutdown path (cleanup_dist_env_and_memory) empties the accelerator cache on every non-CPU
     # platform, which raises on a host without one. This module is imported in every vLLM process.
@@ -174,13 +211,20 @@ class NeuronQwen2Platform(Platform):
     simple_compile_backend: str = "eager"
 
     # Set by check_and_update_config in the front-end process, read by validate_request there.
-    _max_prompt_len: int | None = None
     _vocab_size: int | None = None
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
         # The first entry is what --dtype auto resolves to.
         return [torch.bfloat16] if active_backend() == "neuron" else [torch.float32]
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        # vLLM's host-side ops (sampler, penalties) load its C kernels; the base class imports the
+        # AVX-512 build, which dies with SIGILL on AVX2-only hosts. vLLM's CPU platform picks the right one.
+        from vllm.platforms.cpu import CpuPlatform
+
+        CpuPlatform.import_kernels()
 
     @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:
@@ -218,6 +262,7 @@ class NeuronQwen2Platform(Platform):
     @classmethod
     def pre_register_and_update(cls, parser: FlexibleArgumentParser | None = None) -> None:
         _replace_parallel_check()
+        _replace_batch_defaults()
         # vLLM 0.32 removed --device; accept the historical `--device neuron` (the platform is the selection).
         if parser is not None and not any("--device" in a.option_strings for a in parser._actions):
             parser.add_argument(
@@ -250,8 +295,10 @@ class NeuronQwen2Platform(Platform):
             return
 
         _reject_unsupported(vllm_config)
+        if not cc.user_specified_block_size:
+            cc.block_size = DEFAULT_BLOCK_SIZE
         fit_to_compiled_folder(vllm_config)
-        cls._max_prompt_len = served_neuron_config(vllm_config).max_context_length
+        served = served_neuron_config(vllm_config)
         cls._vocab_size = mc.get_vocab_size()
 
         # Forking a process whose OpenMP pool is already running (any torch op before LLM(...)) deadlocks
@@ -262,20 +309,22 @@ class NeuronQwen2Platform(Platform):
         else:
             pc.distributed_executor_backend = "uni"  # on Neuron, TP lives inside the runtime
 
-        # One KV block per sequence: vLLM's block pool becomes the slot allocator (slot = block id - 1,
-        # block 0 is vLLM's null block).
-        cc.block_size = mc.max_model_len
-        cc.user_specified_block_size = True
-        cc.num_gpu_blocks_override = sc.max_num_seqs + 1
-        cc.enable_prefix_caching = False
-        sc.enable_chunked_prefill = False
-        sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, mc.max_model_len)
+        # vLLM's block pool allocates exactly the model's pool (block 0 is its null block, our padding block).
+        cc.num_gpu_blocks_override = served.num_blocks
         if sc.max_num_scheduled_tokens is not None:
-            sc.max_num_scheduled_tokens = max(sc.max_num_scheduled_tokens, mc.max_model_len)
+            sc.max_num_scheduled_tokens = min(sc.max_num_scheduled_tokens, sc.max_num_batched_tokens)
         logger.info_once(
-            "vllm-neuron-qwen2: prefix caching and chunked prefill are disabled "
-            "(the Neuron decoder keeps one static KV slot per sequence)"
-        )
+            "vllm-neuron-qwen2: paged KV cache of %d blocks x %d tokens (%.1f full-length sequences), "
+            "prefix caching %s, chunked prefill %s, %d tokens per step",
+            served.num_blocks, served.block_size, (served.num_blocks - 1) / served.blocks_per_seq,
+            "on" if cc.enable_prefix_caching else "off", "on" if sc.enable_chunked_prefill else "off",
+            sc.max_num_batched_tokens,
+        )  # fmt: skip
+
+    @classmethod
+    def update_block_size_for_backend(cls, vllm_config: VllmConfig) -> None:
+        # The block size was settled in check_and_update_config; vLLM's attention backends do not apply.
+        pass
 
     @classmethod
     def validate_request(cls, processed_inputs: EngineInput, params: SamplingParams | PoolingParams) -> None:
@@ -298,12 +347,6 @@ class NeuronQwen2Platform(Platform):
         if processed_inputs.get("type") not in (None, "token"):
             raise VLLMValidationError("only token or text prompts are supported on vllm-neuron-qwen2")
         prompt_ids = processed_inputs.get("prompt_token_ids") or []
-        if cls._max_prompt_len is not None and len(prompt_ids) > cls._max_prompt_len:
-            raise VLLMValidationError(
-                f"The prompt (length {len(prompt_ids)}) is longer than the maximum context length "
-                f"{cls._max_prompt_len} of the compiled Neuron prefill graphs",
-                parameter="prompt",
-            )
         # vLLM accepts ids up to the tokenizer size, which may exceed the model's embedding table.
         if (
             cls._vocab_size is not None

@@ -1,9 +1,12 @@
-"""Model runner: vLLM scheduler steps -> KV slots -> bucket graph calls -> sampled tokens.
+"""Model runner: vLLM scheduler steps -> paged rows (tokens, start, block table) -> graph calls -> tokens.
 
-Each step frees finished requests, admits new ones into their slots and runs the decode rows and the new
-prompts as one model step (a decode graph, or packed prefill graphs that carry the decode rows along). A
-row is sampled inside the graph when its parameters allow it (greedy, temperature, top-k, top-p, seed); any
-other row makes the step return logits and is sampled on the host by vLLM's Sampler and logits processors.
+Each step forgets finished requests, admits new ones (possibly with a prefix-cache hit), follows the block
+tables vLLM's block pool hands out (appended blocks, or a new table for a request resumed after preemption),
+and runs every scheduled chunk as one model step: a decode graph when every row has one token, else a
+prefill graph that packs the prompt chunks and carries the one-token rows. A row whose chunk does not reach
+the end of its prompt yields no token. A row is sampled inside the graph when its parameters allow it
+(greedy, temperature, top-k, top-p, seed); any other row makes the step return logits and is sampled on the
+host by vLLM's Sampler and logits processors.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .model.sampling import sample as sample_in_graph_style
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.core.sched.output import GrammarOutput, NewRequestData, SchedulerOutput
+    from vllm.v1.core.sched.output import CachedRequestData, GrammarOutput, NewRequestData, SchedulerOutput
 
     from .vllm_model import NeuronQwen2ForVLLM
 
@@ -32,21 +35,29 @@ if TYPE_CHECKING:
 @dataclass
 class _Request:
     req_id: str
-    slot: int  # KV-cache slot: vLLM's only block for this request, minus the null block 0
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    block_ids: list[int]  # vLLM's block table for this request (one KV-cache group)
     # vLLM 0.32 does not send sampled tokens back to the worker, so we keep them. Logits processors hold a
     # reference to this very list.
     output: list[int] = field(default_factory=list)
 
     @classmethod
     def admit(cls, new: NewRequestData) -> _Request:
-        if len(new.block_ids) != 1 or len(new.block_ids[0]) != 1 or new.num_computed_tokens:
-            raise RuntimeError(f"request {new.req_id}: expected one fresh KV block, got {new.block_ids}")
         params = new.sampling_params
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        return cls(new.req_id, new.block_ids[0][0] - 1, list(new.prompt_token_ids), params, generator)
+        return cls(new.req_id, list(new.prompt_token_ids), params, generator, list(new.block_ids[0]))
+
+    def chunk(self, start: int, length: int) -> list[int]:
+        """Tokens start .. start + length of prompt + output (the ones vLLM scheduled this step)."""
+        tokens = (self.prompt + self.output)[start : start + length]
+        if len(tokens) != length:
+            raise RuntimeError(
+                f"request {self.req_id}: {length} tokens scheduled from position {start}, "
+                f"but only {len(self.prompt) + len(self.output)} are known"
+            )
+        return tokens
 
     def can_sample_in_graph(self) -> bool:
         """True when only greedy/temperature/top-k/top-p/seed apply to this row's next token."""
@@ -102,67 +113,91 @@ class NeuronQwen2ModelRunner:
         so = scheduler_output
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
+        starts = {new.req_id: new.num_computed_tokens for new in so.scheduled_new_reqs}
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = _Request.admit(new)
-        if so.scheduled_cached_reqs.resumed_req_ids:
-            # Cannot happen with one block per request (nothing to preempt for); refuse rather than misdecode.
-            raise RuntimeError(
-                f"resumed requests are not supported: {so.scheduled_cached_reqs.resumed_req_ids}"
-            )
+        self._update_cached(so.scheduled_cached_reqs, starts)
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
 
-        new_ids = {new.req_id for new in so.scheduled_new_reqs}
         order = list(so.num_scheduled_tokens)
-        decode = [self.requests[r] for r in order if r not in new_ids]
-        prefill = [self.requests[r] for r in order if r in new_ids]
-        reqs = decode + prefill  # the step's rows, in this order
-        step = self._run_step(decode, prefill)
+        reqs = [self.requests[r] for r in order]
+        chunks = [
+            req.chunk(starts[r], so.num_scheduled_tokens[r]) for r, req in zip(order, reqs, strict=True)
+        ]
+        # A chunk that stops short of the prompt's end (chunked prefill) yields no token.
+        emits = [
+            starts[r] + len(c) >= len(req.prompt) + len(req.output)
+            for r, req, c in zip(order, reqs, chunks, strict=True)
+        ]
+        step = self._run_step(reqs, chunks, [starts[r] for r in order], emits)
 
         # With TP every rank runs this step; rank 0's tokens win so that all KV caches stay identical.
         tokens = self.tp_group.broadcast(step.tokens, src=0).tolist()
-        sampled: dict[str, int] = {}
-        for req, token in zip(reqs, tokens, strict=True):
-            req.output.append(token)
-            sampled[req.req_id] = token
+        sampled: list[list[int]] = []
+        for req, token, emit in zip(reqs, tokens, emits, strict=True):
+            if emit:
+                req.output.append(token)
+            sampled.append([token] if emit else [])
         logprobs = {reqs[row].req_id: entry for row, entry in step.logprobs.items()}
         self._output = ModelRunnerOutput(
             req_ids=order,
             req_id_to_index={r: i for i, r in enumerate(order)},
-            sampled_token_ids=[[sampled[r]] for r in order],
+            sampled_token_ids=sampled,
             logprobs=_logprobs_lists(order, logprobs),
         )
         return None
+
+    def _update_cached(self, cached: CachedRequestData, starts: dict[str, int]) -> None:
+        """Block tables and computed-token counts of running requests; a request resumed after preemption
+        gets a new block table, and its tokens are recomputed from `num_computed_tokens` on."""
+        for i, req_id in enumerate(cached.req_ids):
+            req = self.requests[req_id]
+            starts[req_id] = cached.num_computed_tokens[i]
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                req.block_ids = list(new_blocks[0])
+                # With async scheduling a token sampled after the preemption may be in `output`; vLLM's list
+                # is the truth.
+                known = cached.all_token_ids.get(req_id)
+                outputs = cached.num_output_tokens[i]
+                req.output[:] = known[len(req.prompt) :] if known is not None else req.output[:outputs]
+            elif new_blocks is not None:
+                req.block_ids.extend(new_blocks[0])
 
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
         output, self._output = self._output, None
         return output if output is not None else EMPTY_MODEL_RUNNER_OUTPUT
 
-    def _run_step(self, decode: list[_Request], prefill: list[_Request]) -> _Sampled:
-        """One model step over decode rows, then new prompts; tokens sampled in the graph when every row
-        allows it."""
-        reqs = decode + prefill
-        in_graph = [self.neuron_config.on_device_sampling and r.can_sample_in_graph() for r in reqs]
+    def _run_step(
+        self, reqs: list[_Request], chunks: list[list[int]], starts: list[int], emits: list[bool]
+    ) -> _Sampled:
+        """One model step over the scheduled chunks; tokens sampled in the graph when every row allows it.
+        Rows that emit no token draw no random number (a seeded generator stays where it is)."""
+        in_graph = [
+            self.neuron_config.on_device_sampling and (not emit or r.can_sample_in_graph())
+            for r, emit in zip(reqs, emits, strict=True)
+        ]
         params = torch.tensor(
-            [r.sampling_row() if ok else [0.0] * 4 for r, ok in zip(reqs, in_graph, strict=True)]
+            [
+                r.sampling_row() if ok and emit else [0.0] * 4
+                for r, ok, emit in zip(reqs, in_graph, emits, strict=True)
+            ]
         )
         sampling = params if all(in_graph) else None
-        result = self.decoder.step(
-            input_ids=[r.output[-1] for r in decode],
-            position_ids=[len(r.prompt) + len(r.output) - 1 for r in decode],
-            seq_ids=[r.slot for r in decode],
-            prompts=[r.prompt for r in prefill],
-            prompt_seq_ids=[r.slot for r in prefill],
-            sampling=sampling,
+        result = self.decoder.step_paged(
+            tokens=chunks, starts=starts, block_tables=[r.block_ids for r in reqs], sampling=sampling
         )
         if sampling is not None:
             return _Sampled(result, {})
 
-        tokens = torch.empty(len(reqs), dtype=torch.int64)
-        fast = [i for i, ok in enumerate(in_graph) if ok]
+        tokens = torch.zeros(len(reqs), dtype=torch.int64)
+        fast = [i for i, (ok, emit) in enumerate(zip(in_graph, emits, strict=True)) if ok and emit]
         if fast:  # the graph's own sampler, on the host: a row samples the same way whatever its batch mates
             tokens[fast] = sample_in_graph_style(result[fast], params[fast], self.neuron_config.max_topk)
-        host = [i for i, ok in enumerate(in_graph) if not ok]
+        host = [i for i, (ok, emit) in enumerate(zip(in_graph, emits, strict=True)) if emit and not ok]
+        if not host:
+            return _Sampled(tokens, {})
         host_tokens, host_logprobs = self._sample_on_host([reqs[i] for i in host], result[host])
         tokens[host] = host_tokens
         return _Sampled(tokens, {host[row]: entry for row, entry in host_logprobs.items()})

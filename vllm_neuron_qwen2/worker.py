@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
     from vllm.v1.outputs import ModelRunnerOutput
 
-# vLLM only needs a KV spec to size its block pool; the model owns the real cache.
-_KV_SPEC_NAME = "neuron_kv_slots"
+# vLLM's block pool allocates the model's KV blocks: one spec over all layers, the model owns the tensors.
+_KV_SPEC_NAME = "neuron_kv_blocks"
 
 
 class NeuronQwen2Worker(WorkerBase):
@@ -59,15 +59,15 @@ class NeuronQwen2Worker(WorkerBase):
         return ("generate",)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
-        # One block per sequence slot. Its page is one slot's K and V over all layers of this rank, so that
-        # vLLM's KV-cache log lines report the real size.
+        # One group whose page is one block's K and V over all layers of this rank, so that vLLM's
+        # KV-cache log lines report the real size.
         decoder = self.model.decoder.decoder
-        k0, _ = decoder.kv_cache.layer(0)  # [slots + 1, kv_heads, seq_len, head_dim]
+        k0, _ = decoder.kv_cache.layer(0)  # [num_blocks * block_size, kv_heads, head_dim]
         return {
             _KV_SPEC_NAME: FullAttentionSpec(
-                block_size=self.cache_config.block_size,
+                block_size=decoder.kv_cache.block_size,
                 num_kv_heads=k0.shape[1] * decoder.shape.num_hidden_layers,
-                head_size=k0.shape[3],
+                head_size=k0.shape[2],
                 dtype=k0.dtype,
             )
         }
@@ -78,14 +78,12 @@ class NeuronQwen2Worker(WorkerBase):
 
     def determine_available_memory(self) -> int:
         (spec,) = self.get_kv_cache_spec().values()
-        return spec.page_size_bytes * (self.scheduler_config.max_num_seqs + 1)
+        return spec.page_size_bytes * self.model.neuron_config.num_blocks
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
-        slots = kv_cache_config.num_blocks - 1  # block 0 is vLLM's null block
-        if slots > self.model.neuron_config.batch_size:
-            raise RuntimeError(
-                f"vLLM allocated {slots} KV slots, the model has {self.model.neuron_config.batch_size}"
-            )
+        pool = self.model.neuron_config.num_blocks
+        if kv_cache_config.num_blocks > pool:
+            raise RuntimeError(f"vLLM allocated {kv_cache_config.num_blocks} KV blocks, the model has {pool}")
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         # Graphs are built (or loaded) by from_pretrained; nothing is left to compile here.

@@ -5,37 +5,69 @@ from __future__ import annotations
 import bisect
 from typing import NamedTuple
 
-from ..config import NeuronConfig
+from ..config import PREFILL_TILE, NeuronConfig
 
 
 class Bucket(NamedTuple):
-    kind: str  # "prefill" or "decode"
-    batch: int  # rows out; decode: one token per row; prefill: also the decode rows it carries
-    length: int  # prefill: packed prompt tokens; decode: attended KV positions
+    rows: int  # one-token rows (decode steps), which are also the rows of logits out
+    tokens: int  # prompt-chunk tokens, in tiles of PREFILL_TILE (0: a decode graph)
+    context: int  # KV positions every row and tile attends to
     sample: bool  # sample in the graph (token ids out) instead of returning logits
 
-    def __str__(self) -> str:
-        return f"{self.kind}[{self.batch}x{self.length}{'+sample' if self.sample else ''}]"
+    @property
+    def kind(self) -> str:
+        return "prefill" if self.tokens else "decode"
 
-    def tokens(self) -> int:
-        """Tokens in: one per row, plus the packed prompt tokens of a prefill bucket."""
-        return self.batch + (self.length if self.kind == "prefill" else 0)
+    def __str__(self) -> str:
+        shape = f"{self.rows}+{self.tokens}" if self.tokens else f"{self.rows}"
+        return f"{self.kind}[{shape}x{self.context}{'+sample' if self.sample else ''}]"
+
+    def block_table_rows(self) -> int:
+        return self.rows + self.tokens // PREFILL_TILE
 
 
 def all_buckets(config: NeuronConfig) -> list[Bucket]:
-    """Every graph a model with this config may run, decode first (the hot path). A prefill graph
-    always carries `batch_size` rows: any step has at most that many requests, new or decoding."""
+    """Every graph a model with this config may run, decode first (the hot path).
+
+    Decode graphs come in a logits and an in-graph-sampling variant. A prefill graph carries `batch_size`
+    one-token rows (any step has at most that many sequences), attends to the longest context, and
+    returns logits: prefill steps are few and compute-bound, so sampling them on the host costs nothing
+    that a second graph per size would save.
+    """
     samples = (False, True) if config.on_device_sampling else (False,)
-    return [
-        Bucket(kind, batch, length, s)
-        for kind, batches, lengths in (
-            ("decode", config.decode_batch_sizes, config.decode_lengths),
-            ("prefill", [config.batch_size], config.prefill_lengths),
-        )
-        for batch in batches
-        for length in lengths
+    decode = [
+        Bucket(rows, 0, context, s)
+        for rows in config.decode_batch_sizes
+        for context in config.context_lengths
         for s in samples
     ]
+    prefill = [
+        Bucket(config.batch_size, t, config.context_lengths[-1], False) for t in config.prefill_lengths
+    ]
+    return decode + prefill
+
+
+def describe(buckets: list[Bucket]) -> str:
+    """One line: how many graphs of which kind and shapes (what a user pays in compile time and memory)."""
+    decode = [b for b in buckets if b.kind == "decode"]
+    prefill = [b for b in buckets if b.kind == "prefill"]
+
+    def sizes(values: set[int]) -> str:
+        return ",".join(map(str, sorted(values)))
+
+    parts = []
+    if decode:
+        variants = "logits and in-graph sampling" if any(b.sample for b in decode) else "logits"
+        parts.append(
+            f"{len(decode)} decode (rows {sizes({b.rows for b in decode})} x context "
+            f"{sizes({b.context for b in decode})}, {variants})"
+        )
+    if prefill:
+        parts.append(
+            f"{len(prefill)} prefill (prompt tokens {sizes({b.tokens for b in prefill})} + "
+            f"{prefill[0].rows} rows x context {prefill[0].context})"
+        )
+    return f"{len(buckets)} bucket graphs: " + ", ".join(parts)
 
 
 def smallest_fitting(sizes: list[int], needed: int, what: str, field: str) -> int:

@@ -43,10 +43,8 @@ def build_cpu_graphs(
             bar = tqdm(buckets, desc=f"{action} bucket graphs", unit="graph", disable=decoder.tp.rank != 0)
             for bucket in bar:
                 bar.set_postfix_str(str(bucket))
-                ids, positions, _, logit_index, sampling = example_inputs(bucket)
-                # Warm-up writes its K/V into the spare slot, never into a live one.
-                spare = torch.full_like(ids, decoder.kv_cache.spare_slot)
-                compiled[bucket](ids, positions, spare, logit_index, sampling)
+                # Warm-up writes its K/V into the padding block, never into a live one.
+                compiled[bucket](*example_inputs(bucket, config.block_size))
 
     def build(tmp: Path) -> None:
         # Dynamo would reuse graphs this process compiled before (for another model instance, another

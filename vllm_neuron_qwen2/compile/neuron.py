@@ -106,12 +106,13 @@ class SPMDEmbedding(nn.Module):
 class StatefulGraph(BucketGraph):
     """A bucket graph returning (result, *KV caches), each cache an output aliased to the same input state.
 
-    `route` is an extra input the graph ignores: NxD picks a graph by input shapes alone, and decode buckets
-    of one batch size (or sampling and logits buckets) share all other shapes, so its length names the bucket.
+    `route` is an extra input the graph ignores: NxD picks a graph by input shapes alone, and a decode
+    bucket's sampling and logits variants share all other shapes, so its length names the bucket.
     """
 
-    def forward(self, input_ids, position_ids, seq_ids, logit_index, sampling, route):
-        return (super().forward(input_ids, position_ids, seq_ids, logit_index, sampling), *self.caches())
+    def forward(self, input_ids, position_ids, slot_mapping, block_tables, logit_index, sampling, route):
+        result = super().forward(input_ids, position_ids, slot_mapping, block_tables, logit_index, sampling)
+        return (result, *self.caches())
 
     def caches(self) -> list[nn.Parameter]:
         return list(self.decoder.kv_cache.parameters())
@@ -169,7 +170,7 @@ def compile_graphs(folder: Path, shape: Qwen2Shape, config: NeuronConfig, bucket
         builder.add(
             key=str(bucket),
             model_instance=Instance(lambda b=bucket: StatefulGraph(decoder(), b), input_output_aliases={}),
-            example_inputs=[(*example_inputs(bucket), _route(i))],
+            example_inputs=[(*example_inputs(bucket, config.block_size), _route(i))],
             compiler_args=COMPILER_ARGS,
             priority_model_idx=0 if i == 0 else None,  # weight layout tuned for the hot decode graph
         )

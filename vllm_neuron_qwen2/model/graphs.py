@@ -10,34 +10,35 @@ import torch
 from torch import nn
 
 from ..compile.buckets import Bucket
+from .kv_cache import PADDING_BLOCK
 from .qwen2 import Qwen2Decoder
 from .sampling import sample
 
 
 class BucketGraph(nn.Module):
-    """Inputs input_ids, position_ids, seq_ids [N] int64, logit_index [R] int64, sampling [R, 4] float32,
-    laid out as `Qwen2Decoder.forward` takes them:
-    decode: N = R = bucket.batch rows, attending to bucket.length cache positions;
-    prefill: R = bucket.batch decode rows (attending to the whole cache), then bucket.length packed prompt
-    tokens.
-    Returns logits [R, V] float32, or token ids [R] int64 when the bucket samples.
+    """Inputs, laid out as `Qwen2Decoder.forward` takes them: input_ids, position_ids, slot_mapping
+    [bucket.rows + bucket.tokens] int64, block_tables [bucket.block_table_rows(), context / block_size] int64,
+    logit_index [rows] int64 and sampling [rows, 4] float32.
+    Returns logits [rows, V] float32, or token ids [rows] int64 when the bucket samples.
     """
 
     def __init__(self, decoder: Qwen2Decoder, bucket: Bucket):
         super().__init__()
         self.decoder, self.bucket = decoder, bucket
 
-    def forward(self, input_ids, position_ids, seq_ids, logit_index, sampling):
-        b = self.bucket
-        attend_len = self.decoder.config.seq_len if b.kind == "prefill" else b.length
-        logits = self.decoder(input_ids, position_ids, seq_ids, logit_index, b.batch, attend_len)
-        if b.sample:
+    def forward(self, input_ids, position_ids, slot_mapping, block_tables, logit_index, sampling):
+        logits = self.decoder(
+            input_ids, position_ids, slot_mapping, block_tables, logit_index, self.bucket.rows
+        )
+        if self.bucket.sample:
             return sample(logits, sampling, self.decoder.config.max_topk)
         return logits
 
 
-def example_inputs(bucket: Bucket) -> tuple[torch.Tensor, ...]:
-    """Inputs of the bucket's shapes, every token in slot 0 at position 0 (distinct tensors: torch.compile
-    guards on inputs aliasing each other)."""
-    ids, positions, slots = (torch.zeros(bucket.tokens(), dtype=torch.int64) for _ in range(3))
-    return ids, positions, slots, torch.arange(bucket.batch), torch.zeros(bucket.batch, 4)
+def example_inputs(bucket: Bucket, block_size: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of the bucket's shapes, every token at position 0 of the padding block (distinct tensors:
+    torch.compile guards on inputs aliasing each other)."""
+    n = bucket.rows + bucket.tokens
+    ids, positions, slots = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
+    tables = torch.full((bucket.block_table_rows(), bucket.context // block_size), PADDING_BLOCK)
+    return ids, positions, slots, tables, torch.arange(bucket.rows), torch.zeros(bucket.rows, 4)

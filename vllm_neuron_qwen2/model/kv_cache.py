@@ -1,6 +1,8 @@
-"""KVCacheManager: fixed-shape K and V buffers per layer, one row per sequence slot, owned by the model.
+"""KVCacheManager: a fixed pool of KV blocks per layer, owned by the model; block tables say whose is which.
 
-Row `slots` (the last one) is a spare: padded batch rows write there, so they never touch a live slot.
+Each layer keeps K and V as [num_blocks * block_size, kv_heads, head_dim]: token slot s is position
+s % block_size of block s // block_size. Block 0 is never handed to a sequence (vLLM's null block): padding
+tokens write there, and block tables are padded with it.
 """
 
 from __future__ import annotations
@@ -8,14 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+PADDING_BLOCK = 0
+
 
 class KVCacheManager(nn.Module):
     def __init__(
-        self, num_layers: int, slots: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
     ):
         super().__init__()
-        self.spare_slot = slots
-        shape = (slots + 1, kv_heads, seq_len, head_dim)  # [slot, kv_head, position, head_dim]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks * block_size, kv_heads, head_dim)  # [token slot, kv_head, head_dim]
         for i in range(num_layers):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype), persistent=False)
@@ -23,16 +33,18 @@ class KVCacheManager(nn.Module):
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
-    def write_tokens(
-        self, i: int, seq_ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """k, v: [N, kv_heads, head_dim] for N tokens at (seq_ids[n], positions[n])."""
-        heads = torch.arange(k.shape[1], device=k.device)
-        index = (seq_ids[:, None], heads[None, :], positions[:, None])
+    def write(self, i: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [N, kv_heads, head_dim] for N tokens, written at token slots slot_mapping [N]."""
         for cache, new in zip(self.layer(i), (k, v), strict=True):
-            cache.index_put_(index, new)
+            cache.index_put_((slot_mapping,), new)
 
-    def read(self, i: int, seq_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` positions of slots `seq_ids`: two [B, kv_heads, length, head_dim] tensors."""
+    def gather(self, i: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks of block_tables [G, B], in order: [G, kv_heads, B * block_size, head_dim] K and V."""
+        g, b = block_tables.shape
+        offsets = torch.arange(self.block_size, device=block_tables.device)
+        slots = (block_tables[:, :, None] * self.block_size + offsets).reshape(-1)  # [G * B * block_size]
         k, v = self.layer(i)
-        return k[:, :, :length].index_select(0, seq_ids), v[:, :, :length].index_select(0, seq_ids)
+        return tuple(
+            c.index_select(0, slots).view(g, b * self.block_size, *c.shape[1:]).transpose(1, 2)
+            for c in (k, v)
+        )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import NeuronConfig, Qwen2Shape
+from ..config import PREFILL_TILE, NeuronConfig, Qwen2Shape
 from .kv_cache import KVCacheManager
 from .parallel import (
     ColumnParallelLinear,
@@ -168,9 +168,9 @@ class Qwen2Decoder(nn.Module):
             )  # both are split by vocab rows, so one shard serves both
         self.kv_cache = KVCacheManager(
             shape.num_hidden_layers,
-            config.batch_size,
+            config.num_blocks,
+            config.block_size,
             len(layout.kv_heads),
-            config.seq_len,
             shape.head_dim,
             dtype,
         )
@@ -189,38 +189,41 @@ class Qwen2Decoder(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        seq_ids: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
         logit_index: torch.Tensor,
         decode_rows: int,
-        attend_len: int,
     ) -> torch.Tensor:
-        """One step over N tokens, input_ids, position_ids, seq_ids [N] -> logits [R, V] at logit_index [R].
+        """One step over N tokens (input_ids, position_ids, slot_mapping [N]) -> logits [R, V] at logit_index.
 
-        The first `decode_rows` tokens each continue their slot by one token and attend to its first
-        `attend_len` cache positions. The rest are whole prompts packed end to end (positions from 0),
-        each attending causally within itself: slots tell one prompt from the next. Padding uses the spare
-        slot.
+        Every token writes its K/V at its slot first, then attends to the blocks of its block-table row, up to
+        its own position. The first `decode_rows` tokens are one row each (block_tables rows 0..d-1); the
+        other N - d are prompt chunks laid out in tiles of PREFILL_TILE tokens of one sequence each
+        (block_tables rows d..). So a row or tile reads only its own sequence's blocks, and a chunk sees the
+        chunks before it.
         """
         d, n = decode_rows, input_ids.shape[0]
+        tiles = (n - d) // PREFILL_TILE
         cos, sin = rope_cos_sin(position_ids[None], self.inv_freq, self.embed_tokens.weight.dtype)
         x = self.embed_tokens(input_ids[None])  # [1, N, H]
-        visible = torch.arange(attend_len, device=x.device)[None, :] <= position_ids[:d, None]  # [d, T]
-        decode_mask = visible[:, None, None, :]  # [d, 1, 1, T]
-        same_prompt = seq_ids[d:, None] == seq_ids[None, d:]
-        causal = position_ids[None, d:] <= position_ids[d:, None]
-        prompt_mask = (same_prompt & causal)[None, None]  # [1, 1, N-d, N-d]
+        context = torch.arange(block_tables.shape[1] * self.kv_cache.block_size, device=x.device)  # [C]
+        decode_mask = (context[None, :] <= position_ids[:d, None])[:, None, None]  # [d, 1, 1, C]
+        tile_positions = position_ids[d:].view(tiles, PREFILL_TILE)
+        tile_mask = (context[None, None, :] <= tile_positions[:, :, None])[:, None]  # [tiles, 1, TILE, C]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # [1, heads, N, D]
-            self.kv_cache.write_tokens(i, seq_ids, position_ids, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            self.kv_cache.write(i, slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            keys, values = self.kv_cache.gather(i, block_tables)  # [G, Hkv, C, D]
             parts = []
-            if d:  # one query per row against its slot's cache: [d, Hq, 1, D] -> [1, Hq, d, D]
-                keys, values = self.kv_cache.read(i, seq_ids[:d], attend_len)  # [d, Hkv, T, D]
+            if d:  # one query per row: [d, Hq, 1, D] -> [1, Hq, d, D]
                 row_q = q[0, :, :d].transpose(0, 1)[:, :, None]
-                out = self._attention(row_q, keys, values, decode_mask)
+                out = self._attention(row_q, keys[:d], values[:d], decode_mask)
                 parts.append(out[:, :, 0].transpose(0, 1)[None])
-            if n > d:  # the packed prompts attend to their own new keys only
-                parts.append(self._attention(q[:, :, d:], k[:, :, d:], v[:, :, d:], prompt_mask))
+            if tiles:  # PREFILL_TILE queries per tile: [tiles, Hq, TILE, D] -> [1, Hq, N - d, D]
+                tile_q = q[0, :, d:].unflatten(1, (tiles, PREFILL_TILE)).transpose(0, 1)
+                out = self._attention(tile_q, keys[d:], values[d:], tile_mask)
+                parts.append(out.transpose(0, 1).flatten(1, 2)[None])
             x = x + attn.output(torch.cat(parts, dim=2))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[0, logit_index])).float()
