@@ -1,7 +1,9 @@
-"""Shared by the decoder tests: a scripted prefill/decode session compared against HF transformers.
+"""Shared by the decoder tests: scripted sessions compared against HF transformers.
 
-Run as a script under torchrun (`torchrun --nproc-per-node N tests/decoder_harness.py MODEL_DIR OUT`) it plays
-the same session on N ranks and saves every rank's logits, so tests can check TP=N against TP=1.
+`play_session` drives the slot API (prefill / decode); `play_chunked_session` drives the paged API with
+prompts split into chunks mixed with decode rows. Run as a script under torchrun (`torchrun --nproc-per-node N
+tests/decoder_harness.py MODEL_DIR OUT`) it plays both on N ranks and saves every rank's logits, so tests can
+check TP=N against TP=1 and HF.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ PROMPT_LENGTHS = {2: 16, 0: 17, 3: 5}
 DECODE_STEPS = 20
 REUSED_SLOT, REUSE_AT_STEP, REUSE_PROMPT_LENGTH = 0, 8, 9
 PARTIAL_STEPS = range(12, 16)  # slot 3 sits out these steps
-CONFIG = dict(batch_size=4, seq_len=64, prefill_lengths=[8, 16, 32, 64], decode_lengths=[16, 32, 64])
+CONFIG = dict(batch_size=4, seq_len=64, block_size=8)
+
+# Row name -> chunk lengths, one per step, in steps 0, 1, 2, ...; after its prompt, a row decodes one token a
+# step. Chunks end inside a block (13, 21, 3) and on a block edge (16); chunks of 1 ride with prompt chunks.
+CHUNKS = {"a": [13, 8, 21, 3], "b": [9], "c": [0, 0, 16, 14, 1]}
+CHUNKED_STEPS = 8
 
 
 def play_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 0):
@@ -43,6 +50,27 @@ def play_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 0):
         yield [list(seqs[s]) for s in active], logits
 
 
+def play_chunked_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 1):
+    """Yield (row sequences so far, logits [rows, vocab]) for every step of a paged session whose prompts
+    arrive in chunks (a 0-length chunk: the row has not started); tokens are teacher-forced."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = {name: model.slot_blocks(slot) for slot, name in enumerate(CHUNKS)}
+    seqs: dict[str, list[int]] = {name: [] for name in CHUNKS}
+    for step in range(CHUNKED_STEPS):
+        rows, tokens, starts = [], [], []
+        for name, chunks in CHUNKS.items():
+            n = chunks[step] if step < len(chunks) else 1
+            if n == 0:
+                continue
+            new = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            rows.append(name)
+            starts.append(len(seqs[name]))
+            tokens.append(new)
+            seqs[name] += new
+        logits = model.step_paged(tokens=tokens, starts=starts, block_tables=[blocks[r] for r in rows])
+        yield [list(seqs[r]) for r in rows], logits
+
+
 def load(model_dir: Path, tp_degree: int = 1, **overrides) -> NeuronQwen2ForCausalLM:
     return NeuronQwen2ForCausalLM.from_pretrained(
         model_dir, NeuronConfig(tp_degree=tp_degree, **CONFIG | overrides)
@@ -59,6 +87,7 @@ if __name__ == "__main__":
     model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     model = load(model_dir, tp_degree=dist.get_world_size())
     logits = [lg for _, lg in play_session(model, model.vocab_size)]
+    logits += [lg for _, lg in play_chunked_session(model, model.vocab_size)]
     shard = Qwen2Decoder(model.decoder.shape, model.config, model.decoder.tp)
     result = {"logits": logits, "bytes_read": load_checkpoint(shard, model_dir, progress=False)}
     torch.save(result, out.with_suffix(f".rank{dist.get_rank()}.pt"))

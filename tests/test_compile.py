@@ -33,10 +33,10 @@ from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM
 SMALL = dict(  # a few graphs only: compiling one takes seconds
     batch_size=2,
     seq_len=128,
-    max_context_length=16,
-    prefill_lengths=[16],
+    max_num_batched_tokens=16,
+    prefill_lengths=[32],  # 16 tokens, one of them in a part-filled tile
     decode_batch_sizes=[2],
-    decode_lengths=[128],
+    context_lengths=[128],
 )
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
 
@@ -82,9 +82,11 @@ def test_key_covers_what_changes_the_graphs(tiny_qwen2: Path, monkeypatch: pytes
     assert key(base) == key(resolved(tiny_qwen2))
     assert key(base) == key(resolved(tiny_qwen2, compiled_artifacts="/elsewhere")), "location is not in it"
     changed = [
-        resolved(tiny_qwen2, batch_size=4),
-        resolved(tiny_qwen2, seq_len=256, decode_lengths=[256]),
-        resolved(tiny_qwen2, decode_lengths=[32, 128]),
+        resolved(tiny_qwen2, batch_size=4, prefill_lengths=None, decode_batch_sizes=None),
+        resolved(tiny_qwen2, seq_len=256, context_lengths=[256]),
+        resolved(tiny_qwen2, context_lengths=[64, 128]),
+        resolved(tiny_qwen2, block_size=16),
+        resolved(tiny_qwen2, num_blocks=20),
         resolved(tiny_qwen2, dtype="bfloat16"),
         resolved(tiny_qwen2, on_device_sampling=False),
         resolved(tiny_qwen2, compile_mode="compiled"),
@@ -180,12 +182,16 @@ def test_changed_config_compiles_into_a_new_folder_saying_what_changed(
     first, _ = artifacts.prepare(resolved(tiny_qwen2), tiny_qwen2, fake_build, TPGroup())
     with caplog.at_level(logging.INFO, logger=artifacts.__name__):
         second, built = artifacts.prepare(
-            resolved(tiny_qwen2, batch_size=4), tiny_qwen2, fake_build, TPGroup()
+            resolved(tiny_qwen2, block_size=16), tiny_qwen2, fake_build, TPGroup()
         )
     assert built and second != first and artifacts.check(first) is None, "the old folder stays valid"
     [line] = [r.getMessage() for r in caplog.records]
     assert f"changed since key {first.name}" in line
-    assert "neuron_config.batch_size 2 -> 4" in line and "decode_batch_sizes" not in line
+    assert (
+        "neuron_config.block_size 32 -> 16" in line
+        and "num_blocks 9 -> 17" in line
+        and "batch_size" not in line
+    )
 
 
 # ----------------------------------------------------------------------------------- compatibility
@@ -203,8 +209,10 @@ def test_check_compatible_shows_both_values() -> None:
     assert "tensor parallel size (tp_degree) 1" in message
     with pytest.raises(ConfigError, match="backend neuron was requested.*compiled for cpu"):
         artifacts.check_compatible(saved, NeuronConfig(batch_size=2, tp_degree=2, backend="neuron"))
-    with pytest.raises(ConfigError, match=r"decode_lengths \[32\] was requested.*compiled for \[128\]"):
-        artifacts.check_compatible(saved, NeuronConfig(tp_degree=2, decode_lengths=[32]))
+    with pytest.raises(ConfigError, match=r"context_lengths \[32\] was requested.*compiled for \[128\]"):
+        artifacts.check_compatible(saved, NeuronConfig(tp_degree=2, context_lengths=[32]))
+    with pytest.raises(ConfigError, match="block_size 16 was requested.*compiled for 32"):
+        artifacts.check_compatible(saved, NeuronConfig(tp_degree=2, block_size=16))
 
 
 # ---------------------------------------------------------------------------------------- neuron
@@ -229,7 +237,7 @@ def test_neuron_graph_returns_its_kv_caches_as_aliased_outputs(tiny_qwen2: Path)
     traced.load_state_dict(plain.state_dict(), strict=False)
     bucket = all_buckets(config)[0]
     graph = neuron.StatefulGraph(traced, bucket)
-    inputs = example_inputs(bucket)
+    inputs = example_inputs(bucket, config.block_size)
     result, *caches = graph(*inputs, route=torch.zeros(1))
     assert torch.allclose(result, BucketGraph(plain, bucket)(*inputs))
     assert len(caches) == 2 * shape.num_hidden_layers and all(
@@ -269,7 +277,7 @@ def test_compile_kill_serve_corrupt(
 ) -> None:
     out = tmp_path / "served"
     args = ["compile", str(tiny_qwen2), "--max-num-seqs", "2", "--max-model-len", "128", "--out", str(out)]
-    args += ["--max-context-length", "16", "--backend", "cpu", "--buckets"] + [
+    args += ["--max-num-batched-tokens", "16", "--backend", "cpu", "--buckets"] + [
         f"{k}={v[0]}" for k, v in SMALL.items() if isinstance(v, list)
     ]
 
@@ -290,7 +298,7 @@ def test_compile_kill_serve_corrupt(
     # The next compile completes the folder (and clears the leftovers).
     cli.main(args)
     printed = capsys.readouterr().out
-    assert "Compiled 4 bucket graphs in" in printed and f"into {out}" in printed
+    assert "Compiled 3 bucket graphs in" in printed and f"into {out}" in printed
     assert artifacts.check(out) is None and artifacts.check(out / artifacts.GRAPHS_DIR) is None
     assert not list(tmp_path.glob("served.*")), "no temporary folder is left"
 
@@ -312,7 +320,7 @@ def test_compile_kill_serve_corrupt(
     )
     tokens, inductor = json.loads(served.stdout.splitlines()[-1])
     assert "Using compiled graphs" in served.stderr and "Compiling" not in served.stderr
-    assert inductor.get("fxgraph_cache_hit") == 4 and "fxgraph_cache_miss" not in inductor
+    assert inductor.get("fxgraph_cache_hit") == 3 and "fxgraph_cache_miss" not in inductor
     fresh_config = NeuronConfig(
         **SMALL, compile_mode="compiled", on_device_sampling=False, compiled_artifacts=str(tmp_path / "fresh")
     )

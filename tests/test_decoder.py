@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decoder_harness import CONFIG, load, play_session
+from decoder_harness import CONFIG, load, play_chunked_session, play_session
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2ForCausalLM
 
@@ -39,11 +39,11 @@ def hf_last_logits(hf: Qwen2ForCausalLM, seqs: list[list[int]]) -> torch.Tensor:
         return torch.stack([hf(torch.tensor([s])).logits[0, -1] for s in seqs])
 
 
-def session_errors(model: NeuronQwen2ForCausalLM, model_dir: Path) -> list[float]:
+def session_errors(model: NeuronQwen2ForCausalLM, model_dir: Path, session=play_session) -> list[float]:
     hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return [
         (logits - hf_last_logits(hf, seqs)).abs().max().item()
-        for seqs, logits in play_session(model, model.vocab_size)
+        for seqs, logits in session(model, model.vocab_size)
     ]
 
 
@@ -53,6 +53,58 @@ def test_prefill_and_teacher_forced_decode_match_hf(make_checkpoint, geometry):
     errors = session_errors(load(model_dir), model_dir)
     assert len(errors) >= 22  # 2 prefills + 20 decode steps
     assert max(errors) < TOL, errors
+
+
+@pytest.mark.parametrize("geometry", ["gqa_tied", "odd_heads_odd_vocab"])
+def test_chunked_prompts_mixed_with_decode_rows_match_hf(make_checkpoint, geometry):
+    # chunks ending inside a block and on its edge, mid-prompt, one-token chunks, decode rows alongside
+    model_dir = make_checkpoint(**GEOMETRIES[geometry])
+    model = load(model_dir)
+    errors = session_errors(model, model_dir, play_chunked_session)
+    assert len(errors) == 8
+    assert max(errors) < TOL, errors
+    kinds = {b.kind for b in model.padding.real}
+    assert kinds == {"prefill", "decode"}
+
+
+def test_shared_prefix_blocks_give_the_logits_of_a_cold_run(tiny_qwen2):
+    # two sequences share a 3-block prefix (written once, by the first); the second writes only its own
+    # blocks after them, and both decode on: each equals its own run on a fresh model
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 400, (24,), generator=gen).tolist()  # 3 blocks of 8
+    tails = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in (7, 12)]
+    shared = load(tiny_qwen2)
+    tables = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8, 9]]
+    got = [shared.step_paged(tokens=[prefix + tails[0]], starts=[0], block_tables=[tables[0]])[0]]
+    got.append(shared.step_paged(tokens=[tails[1]], starts=[24], block_tables=[tables[1]])[0])
+    steps = [[5, 6], [7, 8], [9, 10]]
+    lengths = [24 + len(t) for t in tails]
+    for step in steps:
+        logits = shared.step_paged(tokens=[[t] for t in step], starts=lengths, block_tables=tables)
+        got += list(logits)
+        lengths = [n + 1 for n in lengths]
+    for row in (0, 1):
+        cold = load(tiny_qwen2)
+        want = [
+            cold.step_paged(tokens=[prefix + tails[row]], starts=[0], block_tables=[[1, 2, 3, 4, 5, 6]])[0]
+        ]
+        for i, step in enumerate(steps):
+            start = 24 + len(tails[row]) + i
+            want.append(
+                cold.step_paged(tokens=[[step[row]]], starts=[start], block_tables=[[1, 2, 3, 4, 5, 6]])[0]
+            )
+        mine = [got[row]] + got[2 + row :: 2]
+        for a, b in zip(mine, want, strict=True):
+            assert (a - b).abs().max().item() < 1e-4
+
+
+def test_prompt_longer_than_the_largest_prefill_bucket_runs_in_several_calls(tiny_qwen2):
+    model = load(tiny_qwen2, max_num_batched_tokens=16, batch_size=2)  # prefill buckets up to 32
+    hf = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    prompt = torch.randint(0, 400, (60,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = model.prefill([prompt], [1])
+    assert (logits - hf_last_logits(hf, [prompt])).abs().max().item() < TOL
+    assert sum(model.padding.real.values()) == 60 and max(b.tokens for b in model.padding.real) == 32
 
 
 @pytest.mark.parametrize("dtype,num_shards", [("bfloat16", 2), ("float16", 1)])
@@ -80,6 +132,7 @@ def test_tensor_parallel_equals_single_rank(make_checkpoint, tmp_path, geometry,
     model_dir = make_checkpoint(**GEOMETRIES[geometry])
     model = load(model_dir)
     single = [lg for _, lg in play_session(model, model.vocab_size)]
+    single += [lg for _, lg in play_chunked_session(model, model.vocab_size)]
     checkpoint_bytes = (model_dir / "model.safetensors").stat().st_size
     for rank in run_tp(model_dir, tp, tmp_path):
         for a, b in zip(rank["logits"], single, strict=True):
@@ -88,26 +141,32 @@ def test_tensor_parallel_equals_single_rank(make_checkpoint, tmp_path, geometry,
         assert rank["bytes_read"] < 1.3 * checkpoint_bytes / tp
 
 
+def slot_cache(model: NeuronQwen2ForCausalLM, slot: int) -> list[torch.Tensor]:
+    """Copies of every layer's K and V entries of one slot's blocks."""
+    cache, bs = model.decoder.kv_cache, model.config.block_size
+    rows = torch.tensor([b * bs + i for b in model.slot_blocks(slot) for i in range(bs)])
+    return [t[rows].clone() for i in range(len(model.decoder.layers)) for t in cache.layer(i)]
+
+
 def test_decode_over_subset_leaves_other_slots_unchanged(tiny_qwen2):
     model = load(tiny_qwen2)
     model.prefill([[5, 6, 7], [8, 9], [10, 11, 12, 13]], [0, 1, 2])
-    cache = model.decoder.kv_cache
-    before = [t.clone() for i in range(len(model.decoder.layers)) for t in cache.layer(i)]
+    before = {s: slot_cache(model, s) for s in (0, 1, 2)}
     model.decode([20, 21], [4, 3], [2, 0])  # slot 1 is not in this step; padded rows must not touch it
-    after = [t for i in range(len(model.decoder.layers)) for t in cache.layer(i)]
-    for b, a in zip(before, after, strict=True):
-        assert torch.equal(b[1], a[1])
-        assert not torch.equal(b[2], a[2]) and not torch.equal(b[0], a[0])
+    for slot, changed in ((1, False), (2, True), (0, True)):
+        same = all(torch.equal(b, a) for b, a in zip(before[slot], slot_cache(model, slot), strict=True))
+        assert same != changed
 
 
 def test_buckets_smallest_fitting_and_clear_errors(tiny_qwen2):
     model = load(tiny_qwen2)
+    assert model.config.prefill_lengths == [16, 32, 48, 64, 96, 112]  # up to 64 tokens + 3 part-filled tiles
     model.prefill([[1] * 16, [2] * 17, [3] * 12], [0, 1, 2])
-    prefill = Bucket("prefill", 4, 64, False)  # 45 prompt tokens packed into one call of the 64 bucket
+    prefill = Bucket(4, 64, 64, False)  # 45 prompt tokens in tiles of 16 + 32 + 16: the 64 bucket
     assert dict(model.padding.real) == {prefill: 45} and model.padding.padded[prefill] == 19
     model.decode([1, 2], [16, 31], [0, 1])
-    assert Bucket("decode", 2, 32, False) in model.padding.real  # position 31 attends 32 positions
-    with pytest.raises(ValueError, match="max_context_length=64"):
+    assert Bucket(2, 0, 64, False) in model.padding.real
+    with pytest.raises(ValueError, match=r"positions 0..64 must lie in \[0, seq_len=64\)"):
         model.prefill([[1] * 65], [0])
     with pytest.raises(ValueError, match="seq_len=64"):
         model.decode([1], [64], [0])
@@ -115,21 +174,24 @@ def test_buckets_smallest_fitting_and_clear_errors(tiny_qwen2):
         model.decode([1], [3], [4])
     with pytest.raises(ValueError, match="vocab_size"):
         model.decode([model.vocab_size], [3], [0])
+    with pytest.raises(ValueError, match="needs 2 blocks of 8, its block table has 1"):
+        model.step_paged(tokens=[[1] * 9], starts=[0], block_tables=[[1]])
+    with pytest.raises(ValueError, match=r"block ids must lie in \[1, num_blocks=33\)"):
+        model.step_paged(tokens=[[1]], starts=[0], block_tables=[[0]])
 
 
 def test_step_packs_prompts_and_carries_decode_rows(tiny_qwen2):
-    # decode rows riding in packed prefill calls give what separate decode and prefill calls give
+    # decode rows riding in a packed prefill call give what separate decode and prefill calls give
     separate, mixed = load(tiny_qwen2), load(tiny_qwen2)
     for model in (separate, mixed):
         model.prefill([[5, 6, 7, 8], [9, 10]], [0, 1])
-    prompts = [[11] * 40, [12, 13, 14] * 10]  # 40 + 30 tokens: two calls of at most 64 tokens
+    prompts = [[11] * 40, [12, 13, 14] * 10]  # 40 + 30 tokens: tiles of 48 + 32 in one 96-token call
     want = torch.cat([separate.decode([20, 21], [4, 2], [0, 1]), separate.prefill(prompts, [2, 3])])
     got = mixed.step(
         input_ids=[20, 21], position_ids=[4, 2], seq_ids=[0, 1], prompts=prompts, prompt_seq_ids=[2, 3]
     )
     assert (got - want).abs().max().item() < 1e-4
-    assert mixed.padding.real[Bucket("prefill", 4, 64, False)] == 40
-    assert mixed.padding.real[Bucket("prefill", 4, 32, False)] == 30
+    assert mixed.padding.real[Bucket(4, 96, 64, False)] == 70
     assert not any(b.kind == "decode" for b in mixed.padding.real), "the decode rows rode along"
     # and the caches agree: one more decode step over all four slots
     step = ([22, 23, 24, 25], [5, 3, 40, 30], [0, 1, 2, 3])
@@ -154,9 +216,9 @@ def test_strict_export_of_a_prefill_and_a_decode_bucket(tiny_qwen2):
     config = NeuronConfig(**CONFIG).resolve(Qwen2Shape.from_pretrained(tiny_qwen2))
     decoder = Qwen2Decoder(Qwen2Shape.from_pretrained(tiny_qwen2), config, TPGroup())
     load_checkpoint(decoder, tiny_qwen2, progress=False)
-    for bucket in (Bucket("prefill", config.batch_size, 16, False), Bucket("decode", 4, 32, True)):
+    for bucket in (Bucket(config.batch_size, 32, 64, False), Bucket(4, 0, 64, True)):
         graph = BucketGraph(decoder, bucket)
-        exported = torch.export.export(graph, example_inputs(bucket), strict=True)
+        exported = torch.export.export(graph, example_inputs(bucket, config.block_size), strict=True)
         assert exported.graph_module is not None
 
 
@@ -165,13 +227,12 @@ def test_strict_export_of_a_prefill_and_a_decode_bucket(tiny_qwen2):
     [
         (dict(batch_size=0), "batch_size: must be >= 1"),
         (dict(tp_degree=5), "tp_degree: 5 exceeds num_attention_heads=4"),
-        (dict(prefill_lengths=[16, 128]), "prefill_lengths: bucket 128 is larger than max_context_length=64"),
-        (dict(decode_lengths=[100]), "decode_lengths: bucket 100 is larger than seq_len=64"),
-        (
-            dict(prefill_lengths=[8, 32]),
-            "prefill_lengths: the largest bucket 32 is below max_context_length=64",
-        ),
-        (dict(max_context_length=65), "max_context_length: 65 must be between 1 and seq_len=64"),
+        (dict(prefill_lengths=[16, 128]), "prefill_lengths: the largest bucket must be .*=112, got 128"),
+        (dict(prefill_lengths=[8, 112]), "prefill_lengths: must be positive multiples of 16"),
+        (dict(context_lengths=[100]), "context_lengths: must be positive multiples of 8"),
+        (dict(context_lengths=[32]), "context_lengths: the largest bucket must be seq_len .*=64, got 32"),
+        (dict(block_size=12), r"block_size: 12 is not one of \(8, 16"),
+        (dict(num_blocks=8), "num_blocks: 8 blocks of 8 tokens cannot hold one sequence of seq_len=64"),
         (dict(seq_len=4096), "seq_len: 4096 exceeds max_position_embeddings"),
         (dict(backend="gpu"), "backend: 'gpu' is not one of"),
         (dict(dtype="int8"), "dtype: 'int8' is not one of"),

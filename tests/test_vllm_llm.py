@@ -25,25 +25,32 @@ ENV = {
 }
 
 # name -> (checkpoint geometry, LLM kwargs). Together: in-graph and host sampling, async scheduling on and
-# off, default and hand-picked buckets, tied and untied embeddings, a vocab padded beyond the tokenizer.
+# off, default and hand-picked buckets and block sizes, prompts chunked over several steps, prefix caching
+# and chunked prefill on (vLLM's default) and off, tied and untied embeddings, a vocab padded beyond the
+# tokenizer.
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "in_graph_sampling_async": ({}, {"async_scheduling": True}),
-    "host_sampling_sync_custom_buckets": (
+    "host_sampling_sync_custom_buckets_chunks_of_40": (
         {"tie_word_embeddings": False},
         {
             "async_scheduling": False,
+            "block_size": 16,
+            "max_num_batched_tokens": 40,
             "additional_config": {
                 "neuron_config": {
                     "on_device_sampling": False,
-                    "max_context_length": 120,
-                    "prefill_lengths": [8, 32, 120],
+                    "prefill_lengths": [32, 96],
                     "decode_batch_sizes": [2, 4],
-                    "decode_lengths": [40, 128],
+                    "context_lengths": [48, 128],
                 }
             },
         },
     ),
     "padded_vocab": ({"vocab_size": 512, "num_key_value_heads": 1}, {}),
+    "prefix_caching_and_chunked_prefill_off": (
+        {},
+        {"enable_prefix_caching": False, "enable_chunked_prefill": False},
+    ),
 }
 
 
@@ -69,7 +76,13 @@ def plugin_env() -> Iterator[None]:
 def make_llm(model_dir: Path, **kwargs: Any) -> Any:
     from vllm import LLM
 
-    args = {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": SLOTS, "enforce_eager": True, **kwargs}
+    args = {
+        "max_model_len": MAX_MODEL_LEN,
+        "max_num_seqs": SLOTS,
+        "enforce_eager": True,
+        "disable_log_stats": False,  # prefix-cache and preemption counters in get_metrics()
+        **kwargs,
+    }
     return LLM(model=str(model_dir), **args)
 
 
@@ -136,8 +149,8 @@ def tokenizer_vocab(llm: Any) -> int:
     return len(llm.get_tokenizer())
 
 
-# Prompt lengths around the default prefill buckets (16, 24, 32, 48, 64, 96) and the custom ones (8, 32, 120),
-# plus one that runs into max_model_len.
+# Prompt lengths around block edges (16, 32) and tiles of 16, longer than a 40-token step, plus one that runs
+# into max_model_len.
 EDGE_LENGTHS = [1, 7, 8, 9, 15, 16, 17, 24, 25, 31, 32, 33, 47, 64, 65, 95, 96, 120]
 MAX_TOKENS = [1, 3, 30, 12, 5, 40, 2, 17]
 
@@ -224,12 +237,58 @@ def test_padding_stats_through_collective_rpc(default_llm: tuple[Any, Path]) -> 
         bucket: (real - before.get(bucket, (0, 0))[0], pad - before.get(bucket, (0, 0))[1])
         for bucket, (real, pad) in stats().items()
     }
-    prefill = {b: rp for b, rp in delta.items() if b[0] == "prefill" and rp != (0, 0)}
+    prefill = {b: rp for b, rp in delta.items() if b[1] and rp != (0, 0)}  # (rows, tokens, context, sample)
     assert sum(real for real, _ in prefill.values()) == sum(lengths)
-    for (_, batch, length, _), (real, pad) in prefill.items():
-        assert batch == SLOTS and pad >= 0 and (real + pad) % length == 0  # whole calls of the bucket
-    decoded = sum(real for b, (real, _) in delta.items() if b[0] == "decode")
+    for (rows, tokens, _, _), (real, pad) in prefill.items():
+        assert rows == SLOTS and pad >= 0 and (real + pad) % tokens == 0  # whole calls of the bucket
+    decoded = sum(real for b, (real, _) in delta.items() if not b[1])
     assert 0 < decoded <= len(lengths) * 9  # the rest of the 9 rode along in prefill calls
+
+
+def metric(llm: Any, name: str) -> int:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def check_greedy(model_dir: Path, prompts: list[dict[str, list[int]]], outputs: list[Any]) -> None:
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ids = prompt["prompt_token_ids"]
+        assert out.token_ids == hf_logits(model_dir, ids, list(out.token_ids)).argmax(-1).tolist()
+
+
+def test_prefix_cache_hits_give_hf_tokens(make_checkpoint: Callable[..., Path]) -> None:
+    # requests sharing 3 blocks (96 tokens) with a request before them start from the cached blocks
+    model_dir = make_checkpoint()
+    llm = make_llm(model_dir)  # its own engine: another engine's shutdown unregisters the metrics
+    try:
+        assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching, "on by default, as in vLLM"
+        shared = token_prompts(1, [96], 400, seed=5)[0]["prompt_token_ids"]
+        tails = token_prompts(6, [3, 9, 20], 400, seed=6)
+        prompts = [{"prompt_token_ids": shared + t["prompt_token_ids"]} for t in tails]
+        params = sampling(temperature=0.0, max_tokens=8, ignore_eos=True)
+        generate(llm, prompts[:1], params)
+        hits = metric(llm, "vllm:prefix_cache_hits")
+        check_greedy(model_dir, prompts, generate(llm, prompts, params))
+        assert metric(llm, "vllm:prefix_cache_hits") - hits >= 6 * 96
+    finally:
+        shutdown(llm)
+
+
+def test_preempted_requests_continue_with_the_same_tokens(make_checkpoint: Callable[..., Path]) -> None:
+    # a pool of 10 blocks of 16 holds one 128-token sequence: the running ones are preempted and recomputed
+    model_dir = make_checkpoint()
+    prompts = token_prompts(6, [50, 70, 90], 400, seed=7)
+    params = sampling(temperature=0.0, max_tokens=30, ignore_eos=True)
+    small = make_llm(model_dir, block_size=16, num_gpu_blocks_override=10, async_scheduling=True)
+    try:
+        tokens = [o.token_ids for o in generate(small, prompts, params)]
+        assert metric(small, "vllm:num_preemptions") > 0
+    finally:
+        shutdown(small)
+    large = make_llm(model_dir, block_size=16)
+    try:
+        assert [o.token_ids for o in generate(large, prompts, params)] == tokens
+    finally:
+        shutdown(large)
 
 
 def test_n_2(default_llm: tuple[Any, Path]) -> None:
@@ -338,6 +397,8 @@ def test_unsupported_request_features_are_rejected(default_llm: tuple[Any, Path]
         ({}, {"additional_config": {"neuron_config": {"batch_size": 8}}}, "--max-num-seqs"),
         ({}, {"additional_config": {"neuron_config": {"no_such_field": 1}}}, "no_such_field"),
         ({}, {"additional_config": {"neuron_config": {"prefill_lengths": [512]}}}, "prefill_lengths"),
+        ({}, {"block_size": 24}, "--block-size"),
+        ({}, {"num_gpu_blocks_override": 3}, "--num-gpu-blocks-override"),
     ],
 )
 def test_startup_rejects_unsupported_configuration(
@@ -381,4 +442,4 @@ def test_heads_not_divisible_by_tp_pass_vllm_config_checks(make_checkpoint: Call
     )
     config = args.create_engine_config()
     assert config.parallel_config.tensor_parallel_size == 4
-    assert config.cache_config.num_gpu_blocks_override == SLOTS + 1
+    assert config.cache_config.num_gpu_blocks_override == 1 + SLOTS * MAX_MODEL_LEN // 32  # blocks of 32

@@ -215,11 +215,36 @@ async def _load(server: Server, expected: list[str]) -> int:
     return sum(aborted)
 
 
-def running_requests(server: Server) -> float:
+def metric(server: Server, name: str) -> float:
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-    values = re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+-]+)$", metrics, re.MULTILINE)
-    assert values, "vllm:num_requests_running missing from /metrics"
+    values = re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", metrics, re.MULTILINE)
+    assert values, f"{name} missing from /metrics"
     return sum(float(v) for v in values)
+
+
+def running_requests(server: Server) -> float:
+    return metric(server, "vllm:num_requests_running")
+
+
+def test_prefix_cache_hits_show_in_metrics(server: Server) -> None:
+    # a chat's system prompt is cached once and reused: vLLM counts the hits, the KV pool drains after
+    client = server.client()
+    system = "You are a terse assistant who answers every question in exactly one short sentence. " * 3
+    hits = metric(server, "vllm:prefix_cache_hits_total")
+    answers = [
+        client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=4,
+            temperature=0,
+        )
+        .choices[0]
+        .message.content
+        for question in ("Why?", "Why?", "How far is the moon?")
+    ]
+    assert answers[0] == answers[1]
+    assert metric(server, "vllm:prefix_cache_hits_total") - hits >= 2 * 32  # at least a block per repeat
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0.0
 
 
 def test_concurrent_requests_with_aborts(server: Server) -> None:

@@ -1,7 +1,8 @@
-"""`vllm-neuron-qwen2 compile`: make a servable folder of compiled bucket graphs; `vllm-neuron-qwen2 info`.
+"""`vllm-neuron-qwen2 compile`: make a servable folder of compiled bucket graphs; `plan` and `info`.
 
+vllm-neuron-qwen2 plan MODEL --max-num-seqs B --max-model-len L     # lists the graphs; compiles nothing
 vllm-neuron-qwen2 compile MODEL --tensor-parallel-size N --max-num-seqs B --max-model-len L --out DIR
-vllm serve DIR --tensor-parallel-size N --max-num-seqs B --max-model-len L     # no compiling at start-up
+vllm serve DIR                                      # no compiling at start-up; shapes from the folder
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ from tqdm import tqdm
 
 from . import active_backend
 from .compile import artifacts
-from .compile.buckets import all_buckets
-from .config import BACKENDS, BUCKET_FIELDS, DTYPES, NEURON_CONFIG_FILE, NeuronConfig, Qwen2Shape
+from .compile.buckets import all_buckets, describe
+from .config import (
+    BACKENDS,
+    BLOCK_SIZES,
+    BUCKET_FIELDS,
+    DEFAULT_BLOCK_SIZE,
+    DTYPES,
+    NEURON_CONFIG_FILE,
+    NeuronConfig,
+    Qwen2Shape,
+)
 from .model.checkpoint import load_checkpoint
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
@@ -93,16 +103,36 @@ def _bucket_sizes(text: str) -> tuple[str, list[int]]:
     )
 
 
-def _compile(args: argparse.Namespace) -> None:
-    config = NeuronConfig(
+def _config(args: argparse.Namespace) -> NeuronConfig:
+    return NeuronConfig(
         batch_size=args.max_num_seqs,
         seq_len=args.max_model_len,
-        max_context_length=args.max_context_length,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_blocks=args.num_gpu_blocks_override,
         tp_degree=args.tensor_parallel_size,
         dtype=args.dtype,
         backend=args.backend,
         **dict(args.buckets),
     )
+
+
+def _plan(args: argparse.Namespace) -> None:
+    config = _config(args).resolve(Qwen2Shape.from_pretrained(args.model))
+    buckets = all_buckets(config)
+    print(
+        f"{args.model}: up to {config.batch_size} sequences x {config.seq_len} tokens, "
+        f"{config.max_num_batched_tokens} tokens per step, KV pool {config.num_blocks} blocks of "
+        f"{config.block_size}, backend {config.backend}, {config.dtype}, tp_degree {config.tp_degree}"
+    )
+    for bucket in buckets:
+        print(f"  {bucket}")
+    print(describe(buckets).split(": ", 1)[1])
+    print(f"{len(buckets)} graphs")
+
+
+def _compile(args: argparse.Namespace) -> None:
+    config = _config(args)
     start = time.monotonic()
     out = compile_servable(args.model, config, args.out)
     graphs = len(all_buckets(NeuronConfig.load(out)))
@@ -130,15 +160,16 @@ def _info(args: argparse.Namespace) -> None:
     print(f"neuron_config: {json.dumps(config.to_dict(), sort_keys=True)}")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-neuron-qwen2", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    c = commands.add_parser("compile", help="compile the bucket graphs of a Qwen2 checkpoint into a folder")
+def _add_shape_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("model", help="HF Qwen2 checkpoint directory")
     c.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    c.add_argument("--max-num-seqs", type=int, required=True, help="KV-cache slots (batch_size)")
+    c.add_argument("--max-num-seqs", type=int, required=True, help="sequences per step (batch_size)")
     c.add_argument("--max-model-len", type=int, required=True, help="tokens per sequence (seq_len)")
-    c.add_argument("--max-context-length", type=int, help="longest prompt (default: --max-model-len)")
+    c.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default: min(len, 512))")
+    c.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE)
+    c.add_argument(
+        "--num-gpu-blocks-override", type=int, help="KV blocks (default: max-num-seqs full sequences)"
+    )
     c.add_argument(
         "--buckets",
         nargs="+",
@@ -149,6 +180,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--backend", choices=BACKENDS, default=active_backend() or "cpu")
     c.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on neuron")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-neuron-qwen2", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "plan", help="list the bucket graphs a configuration would build (compiles nothing)"
+    )
+    _add_shape_options(p)
+    p.set_defaults(run=_plan)
+    c = commands.add_parser("compile", help="compile the bucket graphs of a Qwen2 checkpoint into a folder")
+    _add_shape_options(c)
     c.add_argument("--out", required=True, help="the folder to create (replaced if it exists)")
     c.set_defaults(run=_compile)
     i = commands.add_parser("info", help="show what a compiled folder holds and whether it is valid")

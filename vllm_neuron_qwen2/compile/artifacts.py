@@ -265,8 +265,8 @@ def _barrier(tp: TPGroup) -> None:
 
 
 def check_compatible(saved: NeuronConfig, requested: NeuronConfig, folder: str | Path = "") -> NeuronConfig:
-    """The compiled config to serve `requested` with: `saved`, when it has at least the requested slots,
-    length and context, and the same TP, backend and dtype; else a ConfigError showing both values."""
+    """The compiled config to serve `requested` with: `saved`, when it has at least the requested sequences,
+    length and step budget, and the same TP, backend, dtype and KV pool; else a ConfigError showing both."""
     where = f" in {folder}" if folder else ""
     problems = []
 
@@ -282,10 +282,12 @@ def check_compatible(saved: NeuronConfig, requested: NeuronConfig, folder: str |
     differs("batch_size", "max_num_seqs (batch_size)", requested.batch_size <= saved.batch_size)
     differs("seq_len", "max_model_len (seq_len)", (requested.seq_len or 0) <= saved.seq_len)
     differs(
-        "max_context_length",
-        "max_context_length",
-        (requested.max_context_length or 0) <= saved.max_context_length,
+        "max_num_batched_tokens",
+        "max_num_batched_tokens",
+        (requested.max_num_batched_tokens or 0) <= saved.max_num_batched_tokens,
     )
+    differs("block_size", "block_size", requested.block_size == saved.block_size)
+    differs("num_blocks", "KV blocks (num_blocks)", requested.num_blocks in (None, saved.num_blocks))
     differs("dtype", "dtype", requested.dtype in (None, saved.dtype))
     differs(
         "on_device_sampling",
