@@ -69,8 +69,14 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
     def padding() -> dict[str, list[int]]:
         if engine != "plugin":
             return {}
-        rows = llm.collective_rpc("padding_stats")[0]  # rank 0: every rank pads alike
-        return {f"{kind} {b}x{n}{' sampled' if s else ''}": [real, pad] for kind, b, n, s, real, pad in rows}
+        stats = llm.collective_rpc("padding_stats")[0]  # rank 0: every rank pads alike
+        return {
+            f"{'prefill' if tokens else 'decode'} {rows}+{tokens}x{context}{' sampled' if s else ''}": [
+                real,
+                pad,
+            ]
+            for rows, tokens, context, s, real, pad in stats
+        }
 
     generate(warmup, WARMUP_TOKENS)
     before = padding()

@@ -229,7 +229,7 @@ def running_requests(server: Server) -> float:
 def test_prefix_cache_hits_show_in_metrics(server: Server) -> None:
     # a chat's system prompt is cached once and reused: vLLM counts the hits, the KV pool drains after
     client = server.client()
-    system = "You are a terse assistant who answers every question in exactly one short sentence. " * 3
+    system = "You are a terse assistant who answers every question in exactly one short sentence."
     hits = metric(server, "vllm:prefix_cache_hits_total")
     answers = [
         client.chat.completions.create(

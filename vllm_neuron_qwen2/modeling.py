@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,11 +35,14 @@ logger = logging.getLogger(__name__)
 
 
 class PaddingStats:
-    """Real and padded tokens per bucket, to measure what the bucket choice wastes."""
+    """Real and padded tokens per bucket, to measure what the bucket choice wastes, and the time spent inside
+    graph calls (the rest of a serving step is host work)."""
 
     def __init__(self) -> None:
         self.real: Counter[Bucket] = Counter()
         self.padded: Counter[Bucket] = Counter()
+        self.graph_calls = 0
+        self.graph_seconds = 0.0
 
     def add(self, bucket: Bucket, real: int) -> None:
         total = bucket.tokens or bucket.rows  # packed prompt-chunk tokens, or one-token rows
@@ -236,6 +240,7 @@ class NeuronQwen2ForCausalLM:
         params = torch.zeros(bucket.rows, 4)
         if sampling is not None:
             params[: len(owners)] = sampling[owners]
+        began = time.perf_counter()
         result = self.graphs[bucket](
             torch.tensor(ids),
             torch.tensor(positions),
@@ -244,6 +249,8 @@ class NeuronQwen2ForCausalLM:
             torch.tensor(_padded(logit_index, bucket.rows, 0)),
             params,
         )
+        self.padding.graph_seconds += time.perf_counter() - began
+        self.padding.graph_calls += 1
         self.padding.add(bucket, sum(len(p.tokens) for p in pieces) if pieces else len(singles))
         for j, row in enumerate(owners):
             out[row] = result[j]

@@ -11,6 +11,7 @@ host by vLLM's Sampler and logits processors.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -107,9 +108,18 @@ class NeuronQwen2ModelRunner:
         self.requests: dict[str, _Request] = {}
         self._logitsprocs_rows: list[str] = []  # request id per row, as the logits processors last saw it
         self._output: ModelRunnerOutput | None = None
+        self.steps = 0
+        self.step_seconds = 0.0  # in execute_model, graph calls included
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run the step's graphs and sample; the output is handed over by `sample_tokens`."""
+        began = time.perf_counter()
+        output = self._execute(scheduler_output)
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - began
+        return output
+
+    def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         so = scheduler_output
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)

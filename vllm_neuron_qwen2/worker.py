@@ -95,13 +95,24 @@ class NeuronQwen2Worker(WorkerBase):
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
         return self.runner.sample_tokens(grammar_output)
 
-    def padding_stats(self) -> list[tuple[str, int, int, bool, int, int]]:
-        """(kind, batch, length, sample, real tokens, padded tokens) per bucket run so far.
+    def padding_stats(self) -> list[tuple[int, int, int, bool, int, int]]:
+        """(rows, prompt tokens, context, sample, real tokens, padded tokens) per bucket run so far.
 
         Plain values so that `LLM.collective_rpc("padding_stats")` can carry them (benchmarks/ reads them).
         """
         stats = self.model.decoder.padding
         return [(*bucket, stats.real[bucket], stats.padded[bucket]) for bucket in stats.real]
+
+    def step_stats(self) -> dict[str, float]:
+        """Serving steps and their seconds in `execute_model`, and graph calls and their seconds: the
+        difference is host work per step (planning, tensors, sampling bookkeeping)."""
+        stats = self.model.decoder.padding
+        return {
+            "steps": self.runner.steps,
+            "step_seconds": self.runner.step_seconds,
+            "graph_calls": stats.graph_calls,
+            "graph_seconds": stats.graph_seconds,
+        }
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
         raise ValueError("LoRA is not supported by vllm-neuron-qwen2")
