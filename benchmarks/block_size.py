@@ -3,15 +3,18 @@
 python -m benchmarks.block_size [--layers 8] [--sizes 16 32 64 128] [--repeats 10]
 
 For each block size, the benchmark's model (8 rows, 512 tokens) runs: a decode step of 8 rows at position 200,
-and a prefill step of a 256-token chunk with 7 decode rows alongside, each timed as the median of `repeats`
-calls. The hit column is what vLLM's prefix cache can reuse of a chat prompt (a 320-token system prompt plus
-16-48 tokens): whole blocks only.
+and a prefill step of a 256-token chunk with 7 decode rows alongside. The models are loaded side by side and
+timed in turns, `repeats` rounds, so that drifts of the machine hit every size alike; each value is the median.
+The hit column is what vLLM's prefix cache can reuse of a chat prompt (a 320-token system prompt plus 16-48
+tokens): whole blocks only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +36,8 @@ def chat_hit_rate(block_size: int) -> float:
     return sum(rates) / len(rates)
 
 
-def measure(model_dir: Path, block_size: int, repeats: int) -> dict[str, float]:
+def step_functions(model_dir: Path, block_size: int) -> tuple[Callable[[], object], Callable[[], object]]:
+    """A decode step and a mixed prefill step of the benchmark's model with this block size."""
     from vllm_neuron_qwen2.config import NeuronConfig
     from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM
 
@@ -56,12 +60,7 @@ def measure(model_dir: Path, block_size: int, repeats: int) -> dict[str, float]:
             prompt_seq_ids=[0],
         )
 
-    return {
-        "block_size": block_size,
-        "decode_ms": 1e3 * timed(decode, repeats),
-        "prefill_ms": 1e3 * timed(mixed, repeats),
-        "chat_hit_rate": chat_hit_rate(block_size),
-    }
+    return decode, mixed
 
 
 def main() -> None:
@@ -74,7 +73,21 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = checkpoint(args.work_dir.resolve(), args.layers)
-    results = [measure(model_dir, size, args.repeats) for size in args.sizes]
+    steps = {size: step_functions(model_dir, size) for size in args.sizes}
+    times: dict[int, tuple[list[float], list[float]]] = {size: ([], []) for size in args.sizes}
+    for _ in range(args.repeats):
+        for size, (decode, mixed) in steps.items():
+            times[size][0].append(timed(decode, 1))
+            times[size][1].append(timed(mixed, 1))
+    results = [
+        {
+            "block_size": size,
+            "decode_ms": 1e3 * statistics.median(times[size][0]),
+            "prefill_ms": 1e3 * statistics.median(times[size][1]),
+            "chat_hit_rate": chat_hit_rate(size),
+        }
+        for size in args.sizes
+    ]
     print("| block size | decode 8 rows (ms) | 256-token chunk + 7 rows (ms) | chat prompt from cache |")
     print("|---|---|---|---|")
     for r in results:

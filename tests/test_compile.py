@@ -272,6 +272,19 @@ def test_cli_rejects_bad_bucket_lists(capsys: pytest.CaptureFixture) -> None:
     assert "expected FIELD=N,N,..." in capsys.readouterr().err
 
 
+def test_plan_lists_every_graph_and_the_default_ladder_stays_in_budget(
+    tiny_qwen2: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    cli.main(["plan", str(tiny_qwen2), "--max-num-seqs", "8", "--max-model-len", "2048"])
+    lines = capsys.readouterr().out.splitlines()
+    graphs = [line.strip() for line in lines if line.startswith("  ")]
+    assert lines[-1] == f"{len(graphs)} graphs" and len(graphs) <= 24  # the budget at 2048 / 8
+    assert "decode[8x2048+sample]" in graphs and "prefill[8+624x2048]" in graphs  # 512 tokens + 7 tiles
+    with caplog.at_level(logging.INFO):
+        NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, NeuronConfig(batch_size=8, seq_len=2048))
+    assert f"{len(graphs)} bucket graphs: 8 decode" in caplog.text, "start-up logs the count"
+
+
 def test_compile_kill_serve_corrupt(
     tiny_qwen2: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -180,16 +180,14 @@ class NeuronQwen2ForCausalLM:
         singles = [row for row in rows if len(row.tokens) == 1]
         chunks = [row for row in rows if len(row.tokens) > 1]
         out: list[torch.Tensor | None] = [None] * len(rows)
-        if not chunks:
-            for group in _groups(singles, cfg.decode_batch_sizes[-1]):
-                batch = smallest_fitting(
-                    cfg.decode_batch_sizes, len(group), "decode rows", "decode_batch_sizes"
-                )
-                context = smallest_fitting(
-                    cfg.context_lengths, max(r.end for r in group), "context", "context_lengths"
-                )
-                bucket = Bucket(batch, 0, context, sampling is not None)
-                self._run(bucket, group, [], sampling, out)
+        if not chunks:  # at most batch_size rows within seq_len: the largest decode bucket fits
+            batch = smallest_fitting(
+                cfg.decode_batch_sizes, len(singles), "decode rows", "decode_batch_sizes"
+            )
+            context = smallest_fitting(
+                cfg.context_lengths, max(r.end for r in singles), "context", "context_lengths"
+            )
+            self._run(Bucket(batch, 0, context, sampling is not None), singles, [], sampling, out)
             return torch.stack(out)
         for call, pieces in enumerate(_pack(chunks, cfg.prefill_lengths[-1])):
             used = sum(math.ceil(len(p.tokens) / PREFILL_TILE) * PREFILL_TILE for p in pieces)
@@ -323,7 +321,3 @@ def _pack(chunks: list[_Row], capacity: int) -> list[list[_Row]]:
             free -= math.ceil(take / PREFILL_TILE) * PREFILL_TILE
             at = end
     return calls
-
-
-def _groups(rows: list[_Row], size: int) -> list[list[_Row]]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
