@@ -4,7 +4,7 @@ python -m benchmarks.block_size [--layers 8] [--sizes 16 32 64 128] [--repeats 1
 
 For each block size, the benchmark's model (8 rows, 512 tokens) runs: a decode step of 8 rows at position 200,
 and a prefill step of a 256-token chunk with 7 decode rows alongside. The models are loaded side by side and
-timed in turns, `repeats` rounds, so that drifts of the machine hit every size alike; each value is the median.
+timed in turns, `repeats` rounds, so that drifts of the machine hit every size alike; values are medians.
 The hit column is what vLLM's prefix cache can reuse of a chat prompt (a 320-token system prompt plus 16-48
 tokens): whole blocks only.
 """
