@@ -21,6 +21,8 @@ from benchmarks.workload import DECODE_SHORT, Workload, warmup_prompts
 WARMUP_TOKENS = 4
 PROBE_REPEATS = 3
 EXPECTED_PLATFORM = {"plugin": "NeuronQwen2Platform", "vllm-cpu": "CpuPlatform"}
+# vLLM's counters of prompt tokens looked up in its prefix cache and of those found (LLM.get_metrics() names)
+PREFIX_CACHE_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 
 
 def decode_probe(run: Callable[[int], float], batch: int, extra_tokens: int) -> dict[str, Any]:
@@ -36,6 +38,18 @@ def decode_probe(run: Callable[[int], float], batch: int, extra_tokens: int) -> 
     return {"short": short, "long": long, "tps": batch * extra_tokens / (min(long) - min(short))}
 
 
+def _host_time(timed: dict[str, float]) -> dict[str, float]:
+    """The plugin's serving steps in the timed run and its host time per step outside graph calls."""
+    steps = timed["steps"]
+    return {
+        "steps": steps,
+        "graph_calls": timed["graph_calls"],
+        "step_seconds": timed["step_seconds"],
+        "graph_seconds": timed["graph_seconds"],
+        "host_ms_per_step": 1e3 * (timed["step_seconds"] - timed["graph_seconds"]) / steps if steps else None,
+    }
+
+
 def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
@@ -47,6 +61,7 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         max_model_len=w.max_model_len,
         max_num_seqs=w.max_num_seqs,
         seed=0,
+        disable_log_stats=False,  # keeps vLLM's counters (prefix-cache queries and hits) for get_metrics()
         **spec.get("llm_args", {}),
     )
     started = time.monotonic() - spec["launched"]
@@ -78,10 +93,21 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             for rows, tokens, context, s, real, pad in stats
         }
 
+    def counters() -> dict[str, float]:
+        """vLLM's prefix-cache counters and, for the plugin, its step and graph-call times (cumulative)."""
+        values = {name: 0.0 for name in PREFIX_CACHE_COUNTERS}
+        for metric in llm.get_metrics():
+            if metric.name in values:
+                values[metric.name] += metric.value
+        if engine == "plugin":
+            values.update(llm.collective_rpc("step_stats")[0])
+        return values
+
     generate(warmup, WARMUP_TOKENS)
-    before = padding()
+    before, counted = padding(), counters()
     elapsed = generate(prompts, w.output_tokens)
-    after = padding()
+    after, counts = padding(), counters()
+    timed = {name: counts[name] - counted[name] for name in counts}  # the timed run only
     probe = decode_probe(lambda n: generate(batch, n), len(batch), w.output_tokens)
     return {
         "platform": platform,
@@ -90,6 +116,11 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         "throughput": len(prompts) * w.output_tokens / elapsed,
         "decode_probe": probe,
         "decode_tps": probe["tps"],
+        "prefix_cache": {
+            "queries": timed["vllm:prefix_cache_queries"],
+            "hits": timed["vllm:prefix_cache_hits"],
+        },
+        **({"step_stats": _host_time(timed)} if engine == "plugin" else {}),
         # real and padded tokens of the timed run only (the warm-up is subtracted)
         "padding": {
             key: [real - before.get(key, [0, 0])[0], pad - before.get(key, [0, 0])[1]]

@@ -28,6 +28,20 @@ def _own_seconds() -> float:
     return t.user + t.system
 
 
+def _summed_rss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += proc.memory_info().rss
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    """Summed RSS (bytes) of a process and all its descendants; shared pages count once per process."""
+    root = psutil.Process(pid)
+    return _summed_rss([root, *root.children(recursive=True)])
+
+
 class TreeMonitor(threading.Thread):
     """Samples a process and all its descendants (engine core, workers) until stopped: their summed RSS
     (pages shared between them count once per process: an upper estimate) and their CPU time, so that
@@ -49,17 +63,15 @@ class TreeMonitor(threading.Thread):
         except psutil.NoSuchProcess:
             return
         while not self._stop_event.is_set():
-            total = 0
             try:
                 tree = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             for proc in tree:
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    total += proc.memory_info().rss
                     cpu = proc.cpu_times()
                     self._cpu[proc.pid] = cpu.user + cpu.system
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, _summed_rss(tree))
             self._stop_event.wait(self.interval)
 
     def stop(self) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """Benchmark: this plugin's cpu backend against vLLM's own CPU backend and HF transformers, same checkpoint,
 same prompts, each engine in its own processes, alternating over several rounds; medians reported.
 
-python -m benchmarks.run [--layers 8] [--requests 32] [--prompt-len 16 200] [--output-tokens 64]
-                         [--max-num-seqs 8] [--max-model-len 512] [--rounds 3] [--engines plugin,vllm-cpu,hf]
+python -m benchmarks.run [--workload default|chat|long|all] [--layers 8] [--requests N] [--prompt-len MIN MAX]
+                         [--output-tokens N] [--max-num-seqs 8] [--max-model-len 512] [--rounds 3]
+                         [--engines plugin,vllm-cpu,hf]
 
 Writes benchmarks/results/benchmark.{md,json,png} and prints the table. See benchmarks/README.md.
 """
@@ -10,6 +11,7 @@ Writes benchmarks/results/benchmark.{md,json,png} and prints the table. See benc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -22,7 +24,7 @@ from typing import Any
 
 from benchmarks import procs, report
 from benchmarks.serving import serve_and_stream
-from benchmarks.workload import Workload, checkpoint, model_geometry, warmup_prompts
+from benchmarks.workload import WORKLOADS, Workload, checkpoint, model_geometry, warmup_prompts
 
 HERE = Path(__file__).resolve().parent
 BACKEND_ENV = "VLLM_NEURON_QWEN2_BACKEND"
@@ -88,46 +90,82 @@ def server_args(w: Workload, extra: dict[str, Any] | None) -> list[str]:
     return args
 
 
-def run_round(index: int, w: Workload, model: Path, work: Path, opts: argparse.Namespace) -> dict[str, Any]:
-    """One round: the limits, then every engine (offline run, then its server run), first engine rotating."""
-    logs = work / "logs" / f"round{index}"
+def run_engine(
+    engine: str, w: Workload, model: Path, work: Path, logs: Path, opts: argparse.Namespace
+) -> dict:
+    """One engine on one workload: its offline job between two bandwidth measurements, then its server run."""
     spec = {"workload": w.to_dict(), "model": str(model)}
+    env = engine_env(engine, work / "cache" / engine)
+    llm_args = {"additional_config": opts.plugin_config} if engine == "plugin" and opts.plugin_config else {}
     waited = procs.wait_until_quiet(opts.quiet_wait)
-    result: dict[str, Any] = {
-        "limits": procs.run_job("limits", spec, dict(os.environ), logs / "limits.log", 600)
-    }
-    result["limits"]["waited_for_quiet"] = waited
-    print(f"  limits: {json.dumps({k: round(v, 2) for k, v in result['limits'].items()})}", flush=True)
-    engines = opts.engines
-    for engine in engines[index % len(engines) :] + engines[: index % len(engines)]:
-        env = engine_env(engine, work / "cache" / engine)
-        llm_args = (
-            {"additional_config": opts.plugin_config} if engine == "plugin" and opts.plugin_config else {}
-        )
+    # The VM's bandwidth drifts within minutes: measure it right before and after the engine's job.
+    before = procs.run_job("bandwidth", spec, dict(os.environ), logs / f"{engine}-bw-before.log", 600)
+    offline = procs.run_job(
+        engine, {**spec, "llm_args": llm_args}, env, logs / f"{engine}-offline.log", OFFLINE_TIMEOUT
+    )
+    after = procs.run_job("bandwidth", spec, dict(os.environ), logs / f"{engine}-bw-after.log", 600)
+    bandwidth = [before["read_gbps"], after["read_gbps"]]
+    result = {"offline": {**offline, "waited_for_quiet": waited, "read_gbps_around": bandwidth}}
+    line = f"{offline['throughput']:.1f} tok/s, decode {offline['decode_tps']:.1f} tok/s"
+    line += f" (read bandwidth {bandwidth[0]:.1f} / {bandwidth[1]:.1f} GB/s before / after)"
+    line += f", start-up {offline['startup']:.1f} s, other load {offline['foreign_cores']:.2f} cores"
+    if not opts.no_server and engine != "hf":
         waited = procs.wait_until_quiet(opts.quiet_wait)
-        log = logs / f"{engine}-offline.log"
-        # The VM's bandwidth drifts within minutes: measure it right before and after the engine's job.
-        before = procs.run_job("bandwidth", spec, dict(os.environ), logs / f"{engine}-bw-before.log", 600)
-        offline = procs.run_job(engine, {**spec, "llm_args": llm_args}, env, log, OFFLINE_TIMEOUT)
-        after = procs.run_job("bandwidth", spec, dict(os.environ), logs / f"{engine}-bw-after.log", 600)
-        bandwidth = [before["read_gbps"], after["read_gbps"]]
-        result[engine] = {"offline": {**offline, "waited_for_quiet": waited, "read_gbps_around": bandwidth}}
-        line = f"{offline['throughput']:.1f} tok/s, decode {offline['decode_tps']:.1f} tok/s"
-        line += f" (read bandwidth {bandwidth[0]:.1f} / {bandwidth[1]:.1f} GB/s before / after)"
-        line += f", start-up {offline['startup']:.1f} s, other load {offline['foreign_cores']:.2f} cores"
-        if not opts.no_server and engine != "hf":
-            waited = procs.wait_until_quiet(opts.quiet_wait)
-            extra = opts.plugin_config if engine == "plugin" else None
-            args = server_args(w, extra)
-            log = logs / f"{engine}-server.log"
-            server = serve_and_stream(
-                env, str(model), args, w.prompts(), warmup_prompts(w), w.output_tokens, log
-            )
-            result[engine]["server"] = {**server, "waited_for_quiet": waited}
-            line += f"; server TTFT p50 {sorted(server['ttft'])[len(server['ttft']) // 2]:.2f} s"
-            line += f", other load {server['foreign_cores']:.2f} cores"
-        print(f"  {engine}: {line}", flush=True)
+        args = server_args(w, opts.plugin_config if engine == "plugin" else None)
+        server = serve_and_stream(
+            env,
+            str(model),
+            args,
+            w.prompts(),
+            warmup_prompts(w),
+            w.output_tokens,
+            logs / f"{engine}-server.log",
+        )
+        result["server"] = {**server, "waited_for_quiet": waited}
+        line += f"; server TTFT p50 {sorted(server['ttft'])[len(server['ttft']) // 2]:.2f} s"
+        line += f", other load {server['foreign_cores']:.2f} cores"
+    print(f"  {w.name} {engine}: {line}", flush=True)
     return result
+
+
+def run_round(
+    index: int, workloads: list[Workload], model: Path, work: Path, opts: argparse.Namespace
+) -> dict[str, Any]:
+    """One round: the limits, then every workload on every engine, the first engine rotating per round."""
+    logs = work / "logs" / f"round{index}"
+    waited = procs.wait_until_quiet(opts.quiet_wait)
+    limits = procs.run_job("limits", {}, dict(os.environ), logs / "limits.log", 600)
+    limits["waited_for_quiet"] = waited
+    print(f"  limits: {json.dumps({k: round(v, 2) for k, v in limits.items()})}", flush=True)
+    engines = opts.engines[index % len(opts.engines) :] + opts.engines[: index % len(opts.engines)]
+    return {
+        "limits": limits,
+        "workloads": {
+            w.name: {engine: run_engine(engine, w, model, work, logs / w.name, opts) for engine in engines}
+            for w in workloads
+        },
+    }
+
+
+def chosen_workloads(args: argparse.Namespace) -> list[Workload]:
+    """The --workload choice, with the command line's overrides applied to each."""
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    overrides = {
+        "layers": args.layers,
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+        "seed": args.seed,
+    }
+    if args.requests is not None:
+        overrides["requests"] = args.requests
+    if args.prompt_len is not None:
+        overrides["min_prompt"], overrides["max_prompt"] = args.prompt_len
+    if args.output_tokens is not None:
+        overrides["output_tokens"] = args.output_tokens
+    workloads = [dataclasses.replace(WORKLOADS[name], **overrides) for name in names]
+    for w in workloads:
+        w.check()
+    return workloads
 
 
 def main() -> None:
@@ -135,9 +173,18 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, default=8, help="decoder layers of the Qwen2-0.5B-like checkpoint"
     )
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 200], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument(
+        "--workload",
+        choices=[*WORKLOADS, "all"],
+        default="all",
+        help="which workload(s) to run (default all)",
+    )
+    parser.add_argument("--requests", type=int, help="override every chosen workload's request count")
+    parser.add_argument(
+        "--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"),
+        help="override the prompt lengths (chat: the tokens after the shared prefix)",
+    )  # fmt: skip
+    parser.add_argument("--output-tokens", type=int, help="override the output tokens per request")
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="prompt lengths and token ids")
@@ -163,20 +210,10 @@ def main() -> None:
     unknown = set(engines) - set(report.ENGINES)
     if unknown:
         parser.error(f"unknown engines {sorted(unknown)}; choose from {list(report.ENGINES)}")
-    w = Workload(
-        layers=args.layers,
-        requests=args.requests,
-        min_prompt=args.prompt_len[0],
-        max_prompt=args.prompt_len[1],
-        output_tokens=args.output_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-    )
-    w.check()
+    workloads = chosen_workloads(args)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model = checkpoint(work, w.layers)
+    model = checkpoint(work, args.layers)
     # A fresh cache per engine: the first start of round 0 is the cold start.
     shutil.rmtree(work / "cache", ignore_errors=True)
     shutil.rmtree(work / "logs", ignore_errors=True)
@@ -185,7 +222,7 @@ def main() -> None:
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]]),
         "machine": machine(),
-        "workload": w.to_dict(),
+        "workloads": {w.name: w.to_dict() for w in workloads},
         "model_config": model_geometry(model),
         "engines": engines,
         "plugin_config": args.plugin_config,
@@ -195,7 +232,7 @@ def main() -> None:
     stem = args.out / args.name
     for index in range(args.rounds):
         print(f"round {index + 1}/{args.rounds}", flush=True)
-        raw["rounds"].append(run_round(index, w, model, work, args))
+        raw["rounds"].append(run_round(index, workloads, model, work, args))
         stem.with_suffix(".json").write_text(json.dumps(raw, indent=1))  # partial results survive a crash
 
     table = report.write(raw, stem)

@@ -6,9 +6,12 @@ TTFT = first streamed token - request sent; TPOT = (last token - first token) / 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,35 @@ async def _all_at_once(url: str, prompts: list[list[int]], tokens: int, timeout:
     }
 
 
+@dataclass
+class Server:
+    url: str
+    pid: int
+    startup: float  # seconds from launch to /health OK
+    monitor: procs.TreeMonitor  # the server's process tree (peak RSS, other load) since launch
+
+
+@contextlib.contextmanager
+def openai_server(
+    env: dict[str, str], model: str, args: list[str], log: Path, timeout: float = 900.0
+) -> Iterator[Server]:
+    """A vLLM OpenAI server on a free loopback port, healthy on entry, always stopped on exit."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME, *args]
+    launched = time.monotonic()
+    proc = procs.launch(cmd, env, log)
+    monitor = procs.TreeMonitor(proc.pid)
+    monitor.start()
+    try:
+        _wait_healthy(url, proc, log, timeout)
+        yield Server(url, proc.pid, time.monotonic() - launched, monitor)
+    finally:
+        monitor.stop()
+        procs.stop(proc)
+
+
 def serve_and_stream(
     env: dict[str, str],
     model: str,
@@ -94,20 +126,8 @@ def serve_and_stream(
     timeout: float = 900.0,
 ) -> dict[str, Any]:
     """Start a server, time it to healthy, warm it up, run the streaming workload, always kill it."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME, *args]
-    launched = time.monotonic()
-    proc = procs.launch(cmd, env, log)
-    monitor = procs.TreeMonitor(proc.pid)
-    monitor.start()
-    try:
-        _wait_healthy(url, proc, log, timeout)
-        startup = time.monotonic() - launched
-        asyncio.run(_all_at_once(url, warmup, 4, timeout))
-        result = asyncio.run(_all_at_once(url, prompts, tokens, timeout))
-    finally:
-        usage = monitor.stop()
-        procs.stop(proc)
-    return {**result, "startup": startup, **usage}
+    with openai_server(env, model, args, log, timeout) as server:
+        asyncio.run(_all_at_once(server.url, warmup, 4, timeout))
+        result = asyncio.run(_all_at_once(server.url, prompts, tokens, timeout))
+        usage = server.monitor.stop()
+    return {**result, "startup": server.startup, **usage}
