@@ -92,7 +92,7 @@ def server_args(w: Workload, extra: dict[str, Any] | None) -> list[str]:
 
 def run_engine(
     engine: str, w: Workload, model: Path, work: Path, logs: Path, opts: argparse.Namespace
-) -> dict:
+) -> dict[str, Any]:
     """One engine on one workload: its offline job between two bandwidth measurements, then its server run."""
     spec = {"workload": w.to_dict(), "model": str(model)}
     env = engine_env(engine, work / "cache" / engine)

@@ -30,9 +30,9 @@ import httpx
 import openai
 
 from benchmarks.procs import tree_rss
-from benchmarks.run import engine_env
+from benchmarks.run import engine_env, server_args
 from benchmarks.serving import SERVED_NAME, openai_server
-from benchmarks.workload import PROMPT_VOCAB, made_once
+from benchmarks.workload import PROMPT_VOCAB, Workload, made_once
 
 HERE = Path(__file__).resolve().parent
 MAX_MODEL_LEN, MAX_NUM_SEQS, BLOCK_SIZE = 512, 8, 32
@@ -156,28 +156,28 @@ def wait_idle(url: str, timeout: float = 120.0) -> float:
         time.sleep(0.5)
 
 
-def soak(args: argparse.Namespace) -> dict[str, Any]:
+def soak(opts: argparse.Namespace) -> dict[str, Any]:
     """Start the server, probe, warm up, run the load while sampling RSS, let it drain, probe again."""
     from vllm_neuron_qwen2.tiny import make_tiny_qwen2
 
-    work = args.work_dir.resolve()
+    work = opts.work_dir.resolve()
     model = made_once(work / "tiny-qwen2", lambda out: make_tiny_qwen2(out, seed=0))
     env = engine_env("plugin", work / "cache" / "soak")
-    server_args = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
-    server_args += ["--max-num-seqs", str(MAX_NUM_SEQS), "--num-gpu-blocks-override", str(args.num_blocks)]
-    total = 60 * args.minutes
+    shape = Workload(name="soak", max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN)
+    cli = server_args(shape, None) + ["--num-gpu-blocks-override", str(opts.num_blocks)]
+    total = 60 * opts.minutes
     warmup = min(60.0, 0.1 * total)
-    with openai_server(env, str(model), server_args, work / "logs" / "soak-server.log") as server:
+    with openai_server(env, str(model), cli, work / "logs" / "soak-server.log") as server:
         url = server.url
         before = probe(url)
-        warm = asyncio.run(load(url, warmup, args.concurrency, args.seed))
+        warm = asyncio.run(load(url, warmup, opts.concurrency, opts.seed))
         wait_idle(url)
         rss_after_warmup = tree_rss(server.pid)
         preempted = metric(url, "vllm:num_preemptions_total")
         rss_during: list[tuple[float, int]] = []  # (seconds into the timed load, bytes)
 
         async def load_and_sample() -> dict[str, Any]:
-            task = asyncio.create_task(load(url, total - warmup, args.concurrency, args.seed + 1))
+            task = asyncio.create_task(load(url, total - warmup, opts.concurrency, opts.seed + 1))
             began = time.monotonic()
             while not task.done():
                 await asyncio.wait([task], timeout=10)
