@@ -7,6 +7,7 @@ on bucket edges; HF's Qwen2ForCausalLM, teacher-forced on each generated sequenc
 from __future__ import annotations
 
 import gc
+import json
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -46,7 +47,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             },
         },
     ),
-    "padded_vocab": ({"vocab_size": 512, "num_key_value_heads": 1}, {}),
+    "padded_vocab": ({"vocab_size": 512, "num_key_value_heads": 1}, {"max_logprobs": -1}),
     "prefix_caching_and_chunked_prefill_off": (
         {},
         {"enable_prefix_caching": False, "enable_chunked_prefill": False},
@@ -368,22 +369,136 @@ def test_logit_bias_allowed_ids_bad_words_min_tokens(default_llm: tuple[Any, Pat
         assert logits[:5].argmax(-1).tolist() == list(out.token_ids[:5])
 
 
-def test_unsupported_request_features_are_rejected(default_llm: tuple[Any, Path]) -> None:
+def test_prompt_logprobs_match_hf(configured: tuple[Any, Path]) -> None:
+    # prompts of several lengths (longer than a 40-token step in one config), scored alongside ordinary
+    # requests that decode in the same steps; every position's logprob against HF's log-softmax
+    llm, model_dir = configured
+    vocab = tokenizer_vocab(llm)
+    whole_vocab = llm.llm_engine.model_config.max_logprobs == -1  # then k=-1: every token's logprob
+    prompts = token_prompts(6, [2, 17, 33, 70, 120, 9], vocab, seed=9)
+    k = -1 if whole_vocab else 3
+    params = [
+        sampling(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=k if i % 2 == 0 else None)
+        for i in range(len(prompts))
+    ]
+    for i, (prompt, out) in enumerate(
+        zip(prompts, llm.generate(prompts, params, use_tqdm=False), strict=True)
+    ):
+        ids = prompt["prompt_token_ids"]
+        if i % 2:
+            assert out.prompt_logprobs is None
+            continue
+        with torch.no_grad():
+            want = hf_model(model_dir)(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+        for pos, entries in enumerate(out.prompt_logprobs[1:]):
+            token = ids[pos + 1]
+            assert set(want[pos].topk(3).indices.tolist()) <= set(entries) and token in entries
+            assert len(entries) == (
+                hf_model(model_dir).config.vocab_size
+                if whole_vocab
+                else 3 + (token not in want[pos].topk(3).indices)
+            )
+            for tok, entry in entries.items():
+                assert abs(entry.logprob - want[pos, tok].item()) < TOL
+            assert entries[token].rank == int((want[pos] > want[pos, token]).sum()) + 1
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"enum": ["yes", "no"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["answer", "count"],
+    "additionalProperties": False,
+}
+REGEX = r"[a-c]{3}-[0-9]{2}"
+CHOICES = ["red", "green", "blue"]
+GRAMMAR = 'root ::= "yes" | "no" | "maybe " [0-9]'
+
+
+def check_structured(kind: str, text: str) -> None:
+    import re
+
+    if kind == "json":
+        assert text.startswith("{"), repr(text)
+        value = json.loads(text)
+        assert (
+            value["answer"] in ("yes", "no")
+            and 0 <= value["count"] <= 9
+            and set(value) == set(SCHEMA["required"])
+        )
+    elif kind == "regex":
+        assert re.fullmatch(REGEX, text), text
+    elif kind == "choice":
+        assert text in CHOICES, text
+    else:
+        assert re.fullmatch(r"yes|no|maybe [0-9]", text), text
+
+
+@pytest.mark.parametrize("tp,async_scheduling", [(1, True), (2, False)])
+def test_structured_outputs_are_valid_and_leave_other_rows_alone(
+    make_checkpoint: Callable[..., Path], tp: int, async_scheduling: bool
+) -> None:
+    from vllm import envs
+    from vllm.sampling_params import StructuredOutputsParams
+
+    envs.disable_envs_cache()  # let the platform's spawn default reach a TP executor
+    llm = make_llm(
+        make_checkpoint(),
+        tensor_parallel_size=tp,
+        async_scheduling=async_scheduling,
+        # a random model would pad with whitespace; vLLM allows turning that off for xgrammar
+        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+    )
+    try:
+        kinds = {
+            "json": StructuredOutputsParams(json=SCHEMA),
+            "regex": StructuredOutputsParams(regex=REGEX),
+            "choice": StructuredOutputsParams(choice=CHOICES),
+            "grammar": StructuredOutputsParams(grammar=GRAMMAR),
+        }
+        plain = token_prompts(3, [5, 30, 12], 400, seed=11)
+        plain_params = sampling(temperature=0.0, max_tokens=12, ignore_eos=True)
+        alone = [o.token_ids for o in generate(llm, plain, plain_params)]
+        prompts, params = list(plain), [plain_params] * len(plain)
+        for seed, so in enumerate(kinds.values()):
+            prompts += token_prompts(2, [8, 40], 400, seed=20 + seed)
+            params += [
+                sampling(temperature=1.0, seed=seed, n=2, max_tokens=40, structured_outputs=so),
+                sampling(temperature=0.0, max_tokens=40, structured_outputs=so, logprobs=2),
+            ]
+        results = llm.generate(prompts, params, use_tqdm=False)
+        assert [r.outputs[0].token_ids for r in results[: len(plain)]] == alone, "batch mates changed nothing"
+        # the text of the token ids: vLLM's incremental detokenizer glues the undecodable bytes of a random
+        # token-id prompt onto the first output text
+        decode = llm.get_tokenizer().decode
+        for i, kind in enumerate(kinds):
+            for result in results[len(plain) + 2 * i : len(plain) + 2 * i + 2]:
+                for out in result.outputs:
+                    check_structured(kind, decode(out.token_ids, skip_special_tokens=True))
+    finally:
+        shutdown(llm)
+
+
+def test_bad_request_features_are_rejected(default_llm: tuple[Any, Path]) -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import StructuredOutputsParams
 
     llm, _ = default_llm
     prompt = token_prompts(1, [5], tokenizer_vocab(llm))
-    with pytest.raises(VLLMValidationError, match="prompt_logprobs"):
-        llm.generate(prompt, sampling(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
-    with pytest.raises(VLLMValidationError, match="structured_outputs"):
-        llm.generate(
-            prompt,
-            sampling(max_tokens=2, structured_outputs=StructuredOutputsParams(regex="a+")),
-            use_tqdm=False,
-        )
     with pytest.raises(VLLMValidationError, match="vocab"):
         llm.generate([{"prompt_token_ids": [1, 500]}], sampling(max_tokens=2), use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match="logprobs"):
+        llm.generate(prompt, sampling(max_tokens=2, prompt_logprobs=10**6), use_tqdm=False)
+    for bad in ({"json": {"type": "no-such-type"}}, {"regex": "(unclosed"}, {"grammar": "root ::= ("}):
+        with pytest.raises(VLLMValidationError):
+            llm.generate(
+                prompt,
+                sampling(max_tokens=2, structured_outputs=StructuredOutputsParams(**bad)),
+                use_tqdm=False,
+            )
     # the engine keeps serving
     assert len(generate(llm, prompt, sampling(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -97,6 +98,8 @@ def server(
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--device", "neuron", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "4", "--enforce-eager"]
+    # a random model under a JSON grammar would pad with whitespace; vLLM can forbid it for xgrammar
+    args += ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             vllm_server_cmd(model_dir, *args),
@@ -185,6 +188,53 @@ def test_completion_chat_and_streaming(server: Server) -> None:
     assert deltas == chat.choices[0].message.content
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"enum": ["yes", "no"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["answer", "count"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_echo_and_prompt_logprobs(server: Server) -> None:
+    client = server.client()
+    schema = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}}
+    for temperature in (0.0, 1.0):
+        reply = client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": "Answer in JSON."}],
+            response_format=schema,
+            max_tokens=40,
+            temperature=temperature,
+        )
+        value = json.loads(reply.choices[0].message.content)
+        assert value["answer"] in ("yes", "no") and 0 <= value["count"] <= 9
+    for constraint, check in (
+        ({"regex": "[a-c]{3}-[0-9]{2}"}, lambda t: re.fullmatch("[a-c]{3}-[0-9]{2}", t)),
+        ({"choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
+    ):
+        streamed = client.completions.create(
+            model=server.model,
+            prompt=PROMPTS[2],
+            max_tokens=20,
+            temperature=1.0,
+            stream=True,
+            extra_body={"structured_outputs": constraint},
+        )
+        assert check("".join(chunk.choices[0].text for chunk in streamed))
+    # echo with logprobs scores the prompt: its first token has no logprob, every other one does
+    ids = [5, 80, 120, 7, 42, 300, 9]
+    echoed = client.completions.create(
+        model=server.model, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1
+    )
+    lp = echoed.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert len(lp.token_logprobs) == len(ids) + 2
+
+
 async def _load(server: Server, expected: list[str]) -> int:
     """64 concurrent streams; every fourth is dropped after its first chunk. Returns how many were aborted.
 
@@ -265,8 +315,14 @@ BAD_REQUESTS = {
     "unknown model": {"prompt": "hi", "max_tokens": 4, "model": "no-such-model"},
     "negative temperature": {"prompt": "hi", "max_tokens": 4, "temperature": -0.5},
     "out-of-vocab token ids": {"prompt": [1, 99999], "max_tokens": 4},
-    "prompt_logprobs": {"prompt": "hi", "max_tokens": 4, "prompt_logprobs": 1},
-    "structured output": {"prompt": "hi", "max_tokens": 4, "structured_outputs": {"regex": "a+"}},
+    "prompt_logprobs beyond the vocabulary": {"prompt": "hi", "max_tokens": 4, "prompt_logprobs": 10**6},
+    "invalid JSON schema": {
+        "prompt": "hi",
+        "max_tokens": 4,
+        "structured_outputs": {"json": {"type": "nope"}},
+    },
+    "invalid regex": {"prompt": "hi", "max_tokens": 4, "structured_outputs": {"regex": "(unclosed"}},
+    "invalid grammar": {"prompt": "hi", "max_tokens": 4, "structured_outputs": {"grammar": "root ::= ("}},
 }
 
 

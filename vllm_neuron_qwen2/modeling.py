@@ -179,7 +179,6 @@ class NeuronQwen2ForCausalLM:
         ]
         singles = [row for row in rows if len(row.tokens) == 1]
         chunks = [row for row in rows if len(row.tokens) > 1]
-        out: list[torch.Tensor | None] = [None] * len(rows)
         if not chunks:  # at most batch_size rows within seq_len: the largest decode bucket fits
             batch = smallest_fitting(
                 cfg.decode_batch_sizes, len(singles), "decode rows", "decode_batch_sizes"
@@ -187,30 +186,49 @@ class NeuronQwen2ForCausalLM:
             context = smallest_fitting(
                 cfg.context_lengths, max(r.end for r in singles), "context", "context_lengths"
             )
-            self._run(Bucket(batch, 0, context, sampling is not None), singles, [], sampling, out)
-            return torch.stack(out)
+            result, _ = self._run(Bucket(batch, 0, context, sampling is not None), singles, [], sampling)
+            return result[: len(rows)]  # every row is a single, in order
+        out: list[torch.Tensor | None] = [None] * len(rows)
         for call, pieces in enumerate(_pack(chunks, cfg.prefill_lengths[-1])):
             used = sum(math.ceil(len(p.tokens) / PREFILL_TILE) * PREFILL_TILE for p in pieces)
             length = smallest_fitting(cfg.prefill_lengths, used, "prefill tokens", "prefill_lengths")
             bucket = Bucket(cfg.batch_size, length, cfg.context_lengths[-1], False)
-            self._run(bucket, singles if call == 0 else [], pieces, None, out)
+            result, placed = self._run(bucket, singles if call == 0 else [], pieces, None)
+            for j, row in enumerate(row for row, _ in placed if row.last):
+                out[row.index] = result[j]
         logits = torch.stack(out)
         return logits if sampling is None else sample(logits, sampling, cfg.max_topk)
 
+    @torch.inference_mode()
+    def score_paged(
+        self, *, tokens: Sequence[Sequence[int]], starts: Sequence[int], block_tables: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """Like `step_paged` without sampling, but returns the logits of every token of each row: a
+        [len(tokens[r]), vocab] tensor per row (prompt logprobs). Runs in the score graph, in as many calls
+        as the rows' tiles need."""
+        self._check_paged(tokens, starts, block_tables, None)
+        (bucket,) = [b for b in self.graphs if b.scores]
+        rows = [
+            _Row(r, list(t), s, block_tables[r]) for r, (t, s) in enumerate(zip(tokens, starts, strict=True))
+        ]
+        out: list[list[torch.Tensor]] = [[] for _ in rows]
+        for pieces in _pack(rows, bucket.tokens):
+            result, placed = self._run(bucket, [], pieces, None)
+            for piece, first in placed:
+                out[piece.index].append(result[first : first + len(piece.tokens)])
+        return [torch.cat(parts) for parts in out]
+
     def _run(
-        self,
-        bucket: Bucket,
-        singles: list[_Row],
-        pieces: list[_Row],
-        sampling: torch.Tensor | None,
-        out: list[torch.Tensor | None],
-    ) -> None:
+        self, bucket: Bucket, singles: list[_Row], pieces: list[_Row], sampling: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[tuple[_Row, int]]]:
         """Run one bucket graph over one-token rows and tiled prompt pieces, padded to the bucket's shapes
-        (padding writes into block 0); each row's logits (or token) go to out[row.index]."""
+        (padding writes into block 0). Returns the graph's result, one row per row that ends in this call
+        (or, for a score bucket, per token), and where each row's tokens were placed."""
         bs, width = self.config.block_size, bucket.context // self.config.block_size
-        ids, positions, slots, tables, logit_index, owners = [], [], [], [], [], []
+        ids, positions, slots, tables, logit_index, placed = [], [], [], [], [], []
 
         def add(row: _Row, n_tokens: int, n_tables: int) -> None:
+            placed.append((row, len(ids)))
             ids.extend(row.tokens)
             positions.extend(range(row.start, row.end))
             slots.extend(row.blocks[p // bs] * bs + p % bs for p in range(row.start, row.end))
@@ -220,9 +238,6 @@ class NeuronQwen2ForCausalLM:
             slots.extend([0] * pad)
             table = [*row.blocks[:width], *[PADDING_BLOCK] * (width - len(row.blocks))]
             tables.extend([table] * n_tables)
-            if row.last:
-                logit_index.append(len(ids) - n_tokens + len(row.tokens) - 1)
-                owners.append(row.index)
 
         for row in singles:
             add(row, 1, 1)
@@ -235,23 +250,27 @@ class NeuronQwen2ForCausalLM:
         for _ in range((bucket.rows + bucket.tokens - len(ids)) // PREFILL_TILE):
             add(padding_row, PREFILL_TILE, 1)
 
-        params = torch.zeros(bucket.rows, 4)
+        placed = [(row, first) for row, first in placed if row.index >= 0]
+        if bucket.scores:
+            logit_index = list(range(bucket.tokens))
+        else:  # each row ending here: its last token
+            logit_index = [first + len(row.tokens) - 1 for row, first in placed if row.last]
+        params = torch.zeros(bucket.logit_rows(), 4)
         if sampling is not None:
-            params[: len(owners)] = sampling[owners]
+            params[: len(logit_index)] = sampling[[row.index for row, _ in placed if row.last]]
         began = time.perf_counter()
         result = self.graphs[bucket](
             torch.tensor(ids),
             torch.tensor(positions),
             torch.tensor(slots),
             torch.tensor(tables),
-            torch.tensor(_padded(logit_index, bucket.rows, 0)),
+            torch.tensor(_padded(logit_index, bucket.logit_rows(), 0)),
             params,
         )
         self.padding.graph_seconds += time.perf_counter() - began
         self.padding.graph_calls += 1
         self.padding.add(bucket, sum(len(p.tokens) for p in pieces) if pieces else len(singles))
-        for j, row in enumerate(owners):
-            out[row] = result[j]
+        return result, placed
 
     def _check_paged(self, tokens, starts, block_tables, sampling) -> None:
         cfg, n = self.config, len(tokens)

@@ -333,9 +333,7 @@ class NeuronQwen2Platform(Platform):
         if not isinstance(params, SamplingParams):
             raise VLLMValidationError("only text generation is supported on vllm-neuron-qwen2")
         unsupported = {
-            "prompt_logprobs": params.prompt_logprobs is not None,
             "prompt_logprob_token_ids": params.prompt_logprob_token_ids is not None,
-            "structured_outputs": params.structured_outputs is not None,
             "thinking_token_budget": params.thinking_token_budget is not None,
             "trace_decode_token_ids": params.trace_decode_token_ids is not None,
             "logprob_token_ids": params.logprob_token_ids is not None,

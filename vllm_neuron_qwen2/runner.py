@@ -1,28 +1,33 @@
 """Model runner: vLLM scheduler steps -> paged rows (tokens, start, block table) -> graph calls -> tokens.
 
-Each step forgets finished requests, admits new ones (possibly with a prefix-cache hit), follows the block
-tables vLLM's block pool hands out (appended blocks, or a new table for a request resumed after preemption),
-and runs every scheduled chunk as one model step: a decode graph when every row has one token, else a
-prefill graph that packs the prompt chunks and carries the one-token rows. A row whose chunk does not reach
-the end of its prompt yields no token. A row is sampled inside the graph when its parameters allow it
-(greedy, temperature, top-k, top-p, seed); any other row makes the step return logits and is sampled on the
-host by vLLM's Sampler and logits processors.
+`execute_model` forgets finished requests, admits new ones (possibly with a prefix-cache hit), follows the
+block tables vLLM's block pool hands out (appended blocks, or a new table for a request resumed after
+preemption), and runs every scheduled chunk as one model step: a decode graph when every row has one token,
+else a prefill graph that packs the prompt chunks and carries the one-token rows. Rows of requests that ask
+for prompt logprobs run in the score graph instead, which returns every position's logits.
+`sample_tokens(grammar_output)` then picks each row's token. A row whose chunk does not reach the end of its
+prompt yields none. A row is sampled inside the graph when its parameters allow it (greedy, temperature,
+top-k, top-p, seed); any other row (logprobs, penalties, logits processors, a grammar) makes the step return
+logits, and is sampled on the host by vLLM's Sampler after its grammar bitmask is applied.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from vllm.distributed import get_tp_group
 from vllm.sampling_params import SamplingParams, SamplingType
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTensors, ModelRunnerOutput
 from vllm.v1.sample.logits_processor import BatchUpdate, build_logitsprocs
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.sampler import Sampler
+from vllm.v1.structured_output.utils import apply_grammar_bitmask
 
 from .model.sampling import sample as sample_in_graph_style
 
@@ -43,12 +48,18 @@ class _Request:
     # vLLM 0.32 does not send sampled tokens back to the worker, so we keep them. Logits processors hold a
     # reference to this very list.
     output: list[int] = field(default_factory=list)
+    # Prompt logprobs not yet returned (None: not asked, or done), filled chunk by chunk.
+    prompt_logprobs: LogprobsTensors | None = None
 
     @classmethod
-    def admit(cls, new: NewRequestData) -> _Request:
+    def admit(cls, new: NewRequestData, vocab_size: int) -> _Request:
         params = new.sampling_params
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        return cls(new.req_id, list(new.prompt_token_ids), params, generator, list(new.block_ids[0]))
+        req = cls(new.req_id, list(new.prompt_token_ids), params, generator, list(new.block_ids[0]))
+        if params.prompt_logprobs is not None and len(req.prompt) > 1:
+            width = 1 + (vocab_size if params.prompt_logprobs == -1 else params.prompt_logprobs)
+            req.prompt_logprobs = LogprobsTensors.empty_cpu(len(req.prompt) - 1, width)
+        return req
 
     def chunk(self, start: int, length: int) -> list[int]:
         """Tokens start .. start + length of prompt + output (the ones vLLM scheduled this step)."""
@@ -65,6 +76,7 @@ class _Request:
         p = self.params
         return not (
             p.logprobs is not None
+            or p.structured_outputs is not None
             or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0
             or p.repetition_penalty != 1.0
@@ -85,9 +97,16 @@ class _Request:
 
 
 @dataclass
-class _Sampled:
-    tokens: torch.Tensor  # [rows] int64
-    logprobs: dict[int, tuple[np.ndarray, np.ndarray, int]]  # row -> (token ids, logprobs, sampled rank)
+class _Step:
+    """A model step between `execute_model` and `sample_tokens`."""
+
+    scheduler_output: SchedulerOutput
+    reqs: list[_Request]  # rows, in scheduler order
+    emits: list[bool]  # the row's chunk reaches the end of its known tokens: it yields a token
+    in_graph: list[bool]  # the row samples as the graph does (else vLLM's Sampler on the host)
+    params: torch.Tensor  # [rows, 4] in-graph sampling parameters
+    result: torch.Tensor  # token ids [rows] when the graph sampled every row, else logits [rows, vocab]
+    prompt_logprobs: dict[str, LogprobsTensors]  # requests whose prompt logprobs are complete
 
 
 class NeuronQwen2ModelRunner:
@@ -107,55 +126,25 @@ class NeuronQwen2ModelRunner:
         self.tp_group = get_tp_group()
         self.requests: dict[str, _Request] = {}
         self._logitsprocs_rows: list[str] = []  # request id per row, as the logits processors last saw it
-        self._output: ModelRunnerOutput | None = None
+        self._step: _Step | None = None
         self.steps = 0
-        self.step_seconds = 0.0  # in execute_model, graph calls included
+        self.step_seconds = 0.0  # in execute_model and sample_tokens, graph calls included
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Run the step's graphs and sample; the output is handed over by `sample_tokens`."""
+        """Run the step's graphs; `sample_tokens` picks the tokens and hands the output over."""
         began = time.perf_counter()
-        output = self._execute(scheduler_output)
-        self.steps += 1
-        self.step_seconds += time.perf_counter() - began
-        return output
-
-    def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         so = scheduler_output
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
         starts = {new.req_id: new.num_computed_tokens for new in so.scheduled_new_reqs}
         for new in so.scheduled_new_reqs:
-            self.requests[new.req_id] = _Request.admit(new)
+            self.requests[new.req_id] = _Request.admit(new, self.vocab_size)
         self._update_cached(so.scheduled_cached_reqs, starts)
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
-
-        order = list(so.num_scheduled_tokens)
-        reqs = [self.requests[r] for r in order]
-        chunks = [
-            req.chunk(starts[r], so.num_scheduled_tokens[r]) for r, req in zip(order, reqs, strict=True)
-        ]
-        # A chunk that stops short of the prompt's end (chunked prefill) yields no token.
-        emits = [
-            starts[r] + len(c) >= len(req.prompt) + len(req.output)
-            for r, req, c in zip(order, reqs, chunks, strict=True)
-        ]
-        step = self._run_step(reqs, chunks, [starts[r] for r in order], emits)
-
-        # With TP every rank runs this step; rank 0's tokens win so that all KV caches stay identical.
-        tokens = self.tp_group.broadcast(step.tokens, src=0).tolist()
-        sampled: list[list[int]] = []
-        for req, token, emit in zip(reqs, tokens, emits, strict=True):
-            if emit:
-                req.output.append(token)
-            sampled.append([token] if emit else [])
-        logprobs = {reqs[row].req_id: entry for row, entry in step.logprobs.items()}
-        self._output = ModelRunnerOutput(
-            req_ids=order,
-            req_id_to_index={r: i for i, r in enumerate(order)},
-            sampled_token_ids=sampled,
-            logprobs=_logprobs_lists(order, logprobs),
-        )
+        self._step = self._run_model(so, starts)
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - began
         return None
 
     def _update_cached(self, cached: CachedRequestData, starts: dict[str, int]) -> None:
@@ -175,42 +164,118 @@ class NeuronQwen2ModelRunner:
             elif new_blocks is not None:
                 req.block_ids.extend(new_blocks[0])
 
-    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
-        output, self._output = self._output, None
-        return output if output is not None else EMPTY_MODEL_RUNNER_OUTPUT
-
-    def _run_step(
-        self, reqs: list[_Request], chunks: list[list[int]], starts: list[int], emits: list[bool]
-    ) -> _Sampled:
-        """One model step over the scheduled chunks; tokens sampled in the graph when every row allows it.
-        Rows that emit no token draw no random number (a seeded generator stays where it is)."""
+    def _run_model(self, so: SchedulerOutput, starts: dict[str, int]) -> _Step:
+        """One model step over the scheduled chunks. Rows whose request still needs prompt logprobs run in
+        the score graph; the rest in one step graph, sampling inside it when every row allows it. Rows that
+        emit no token draw no random number (a seeded generator stays where it is)."""
+        order = list(so.num_scheduled_tokens)
+        reqs = [self.requests[r] for r in order]
+        rows = range(len(reqs))
+        row_starts = [starts[r] for r in order]
+        chunks = [reqs[i].chunk(row_starts[i], so.num_scheduled_tokens[order[i]]) for i in rows]
+        emits = [row_starts[i] + len(chunks[i]) == len(reqs[i].prompt) + len(reqs[i].output) for i in rows]
+        scored = [i for i in rows if reqs[i].prompt_logprobs is not None]
+        stepped = [i for i in rows if reqs[i].prompt_logprobs is None]
         in_graph = [
-            self.neuron_config.on_device_sampling and (not emit or r.can_sample_in_graph())
-            for r, emit in zip(reqs, emits, strict=True)
+            self.neuron_config.on_device_sampling and (not emits[i] or reqs[i].can_sample_in_graph())
+            for i in rows
         ]
         params = torch.tensor(
-            [
-                r.sampling_row() if ok and emit else [0.0] * 4
-                for r, ok, emit in zip(reqs, in_graph, emits, strict=True)
-            ]
+            [reqs[i].sampling_row() if in_graph[i] and emits[i] else [0.0] * 4 for i in rows]
         )
-        sampling = params if all(in_graph) else None
-        result = self.decoder.step_paged(
-            tokens=chunks, starts=starts, block_tables=[r.block_ids for r in reqs], sampling=sampling
-        )
-        if sampling is not None:
-            return _Sampled(result, {})
+        sampling = params if all(in_graph) and not scored else None
 
-        tokens = torch.zeros(len(reqs), dtype=torch.int64)
-        fast = [i for i, (ok, emit) in enumerate(zip(in_graph, emits, strict=True)) if ok and emit]
+        def run(kind: Callable[..., Any], picked: list[int], **kw: Any) -> Any:
+            return kind(
+                tokens=[chunks[i] for i in picked],
+                starts=[row_starts[i] for i in picked],
+                block_tables=[reqs[i].block_ids for i in picked],
+                **kw,
+            )
+
+        if sampling is not None:
+            result = run(self.decoder.step_paged, stepped, sampling=sampling)
+        else:
+            result = torch.empty(len(reqs), self.vocab_size)
+            if stepped:
+                result[stepped] = run(self.decoder.step_paged, stepped)
+        done: dict[str, LogprobsTensors] = {}
+        if scored:
+            for i, scores in zip(scored, run(self.decoder.score_paged, scored), strict=True):
+                result[i] = scores[-1]
+                if self._add_prompt_logprobs(reqs[i], row_starts[i], scores):
+                    done[reqs[i].req_id] = reqs[i].prompt_logprobs
+                    reqs[i].prompt_logprobs = None
+        return _Step(so, reqs, emits, in_graph, params, result, done)
+
+    def _add_prompt_logprobs(self, req: _Request, start: int, logits: torch.Tensor) -> bool:
+        """Score the prompt tokens this chunk predicts (position i predicts token i + 1) into the request's
+        table; True when the prompt is complete (vLLM returns the table in that step)."""
+        end = min(start + len(logits), len(req.prompt) - 1)
+        if end > start:
+            mode = self.sampler.logprobs_mode
+            scores = logits[: end - start]
+            if mode not in ("raw_logits", "processed_logits"):
+                scores = self.sampler.compute_logprobs(scores)
+            targets = torch.tensor(req.prompt[start + 1 : end + 1])
+            width = req.prompt_logprobs.logprobs.shape[1] - 1
+            ids, values, ranks = self.sampler.gather_logprobs(scores, width, targets)[:3]
+            table = req.prompt_logprobs
+            table.logprob_token_ids[start:end] = ids
+            table.logprobs[start:end] = values
+            table.selected_token_ranks[start:end] = ranks
+        return start + len(logits) >= len(req.prompt)
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        """Pick each emitting row's token (the grammar bitmask applied to rows under a grammar) and hand
+        the step's output over."""
+        step, self._step = self._step, None
+        if step is None:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        began = time.perf_counter()
+        tokens, logprobs = self._sample(step, grammar_output)
+        # With TP every rank runs this step; rank 0's tokens win so that all KV caches stay identical.
+        tokens = self.tp_group.broadcast(tokens, src=0).tolist()
+        order = [req.req_id for req in step.reqs]
+        sampled: list[list[int]] = []
+        for req, token, emit in zip(step.reqs, tokens, step.emits, strict=True):
+            if emit:
+                req.output.append(token)
+            sampled.append([token] if emit else [])
+        self.step_seconds += time.perf_counter() - began
+        return ModelRunnerOutput(
+            req_ids=order,
+            req_id_to_index={r: i for i, r in enumerate(order)},
+            sampled_token_ids=sampled,
+            logprobs=_logprobs_lists(order, {order[row]: entry for row, entry in logprobs.items()}),
+            prompt_logprobs_dict=step.prompt_logprobs,
+        )
+
+    def _sample(
+        self, step: _Step, grammar_output: GrammarOutput | None
+    ) -> tuple[torch.Tensor, dict[int, tuple[np.ndarray, np.ndarray, int]]]:
+        """Token ids [rows] (0 for rows that emit none) and the logprobs of the rows that asked for them."""
+        if step.result.dim() == 1:  # sampled in the graph
+            return step.result, {}
+        tokens = torch.zeros(len(step.reqs), dtype=torch.int64)
+        rows = range(len(step.reqs))
+        fast = [i for i in rows if step.in_graph[i] and step.emits[i]]
         if fast:  # the graph's own sampler, on the host: a row samples the same way whatever its batch mates
-            tokens[fast] = sample_in_graph_style(result[fast], params[fast], self.neuron_config.max_topk)
-        host = [i for i, (ok, emit) in enumerate(zip(in_graph, emits, strict=True)) if emit and not ok]
+            tokens[fast] = sample_in_graph_style(
+                step.result[fast], step.params[fast], self.neuron_config.max_topk
+            )
+        host = [i for i in rows if step.emits[i] and not step.in_graph[i]]
         if not host:
-            return _Sampled(tokens, {})
-        host_tokens, host_logprobs = self._sample_on_host([reqs[i] for i in host], result[host])
+            return tokens, {}
+        logits = step.result[host]
+        if grammar_output is not None:
+            batch = SimpleNamespace(
+                req_ids=[step.reqs[i].req_id for i in host]
+            )  # all apply_grammar_bitmask reads
+            apply_grammar_bitmask(step.scheduler_output, grammar_output, batch, logits)
+        host_tokens, host_logprobs = self._sample_on_host([step.reqs[i] for i in host], logits)
         tokens[host] = host_tokens
-        return _Sampled(tokens, {host[row]: entry for row, entry in host_logprobs.items()})
+        return tokens, {host[row]: entry for row, entry in host_logprobs.items()}
 
     def _sample_on_host(
         self, reqs: list[_Request], logits: torch.Tensor

@@ -96,12 +96,13 @@ class NeuronQwen2Worker(WorkerBase):
         return self.runner.sample_tokens(grammar_output)
 
     def padding_stats(self) -> list[tuple[int, int, int, bool, int, int]]:
-        """(rows, prompt tokens, context, sample, real tokens, padded tokens) per bucket run so far.
+        """(rows, prompt tokens, context, sample, real tokens, padded tokens) per bucket run so far; the score
+        graph (prompt logprobs) is the one with 0 rows.
 
         Plain values so that `LLM.collective_rpc("padding_stats")` can carry them (benchmarks/ reads them).
         """
         stats = self.model.decoder.padding
-        return [(*bucket, stats.real[bucket], stats.padded[bucket]) for bucket in stats.real]
+        return [(*bucket[:4], stats.real[bucket], stats.padded[bucket]) for bucket in stats.real]
 
     def step_stats(self) -> dict[str, float]:
         """Serving steps and their seconds in `execute_model`, and graph calls and their seconds: the

@@ -18,8 +18,8 @@ from .sampling import sample
 class BucketGraph(nn.Module):
     """Inputs, laid out as `Qwen2Decoder.forward` takes them: input_ids, position_ids, slot_mapping
     [bucket.rows + bucket.tokens] int64, block_tables [bucket.block_table_rows(), context / block_size] int64,
-    logit_index [rows] int64 and sampling [rows, 4] float32.
-    Returns logits [rows, V] float32, or token ids [rows] int64 when the bucket samples.
+    logit_index [R] int64 and sampling [R, 4] float32, R = bucket.logit_rows().
+    Returns logits [R, V] float32, or token ids [R] int64 when the bucket samples.
     """
 
     def __init__(self, decoder: Qwen2Decoder, bucket: Bucket):
@@ -41,4 +41,5 @@ def example_inputs(bucket: Bucket, block_size: int) -> tuple[torch.Tensor, ...]:
     n = bucket.rows + bucket.tokens
     ids, positions, slots = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
     tables = torch.full((bucket.block_table_rows(), bucket.context // block_size), PADDING_BLOCK)
-    return ids, positions, slots, tables, torch.arange(bucket.rows), torch.zeros(bucket.rows, 4)
+    rows = bucket.logit_rows()
+    return ids, positions, slots, tables, torch.arange(rows), torch.zeros(rows, 4)
