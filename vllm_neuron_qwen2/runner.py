@@ -185,8 +185,8 @@ class NeuronQwen2ModelRunner:
         )
         sampling = params if all(in_graph) and not scored else None
 
-        def run(kind: Callable[..., Any], picked: list[int], **kw: Any) -> Any:
-            return kind(
+        def run(method: Callable[..., Any], picked: list[int], **kw: Any) -> Any:
+            return method(
                 tokens=[chunks[i] for i in picked],
                 starts=[row_starts[i] for i in picked],
                 block_tables=[reqs[i].block_ids for i in picked],

@@ -41,9 +41,9 @@ def test_prefill_and_decode_logits_match_hf(
         tp_degree=tp_degree,
         backend="neuron",
         dtype="bfloat16",
-        max_context_length=16,
-        prefill_lengths=[16],
-        decode_lengths=[128],
+        max_num_batched_tokens=16,
+        prefill_lengths=[32],  # 16 tokens + one part-filled tile
+        context_lengths=[128],
         compiled_artifacts=str(tmp_path / "graphs"),
     )
     model = NeuronQwen2ForCausalLM.from_pretrained(model_dir, config)
@@ -54,3 +54,12 @@ def test_prefill_and_decode_logits_match_hf(
         token = int(want.argmax())
         want = hf(torch.tensor([prompt + [token]])).logits[0, -1]
         assert_bf16_close(model.decode([token], [len(prompt)], [1])[0], want)
+        # a chunk continuing the sequence in its blocks, and every position's logits from the score graph
+        tail = [9, 10, 11]
+        want = hf(torch.tensor([prompt + [token] + tail])).logits[0]
+        blocks = model.slot_blocks(1)
+        got = model.step_paged(tokens=[tail], starts=[len(prompt) + 1], block_tables=[blocks])[0]
+        assert_bf16_close(got, want[-1])
+        (scores,) = model.score_paged(tokens=[prompt], starts=[0], block_tables=[model.slot_blocks(0)])
+        for pos in range(len(prompt)):
+            assert_bf16_close(scores[pos], want[pos])
