@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import pytest
 import torch
 import torchrun_tp_script
+
+from vllm_neuron_qwen2 import cli
+from vllm_neuron_qwen2.compile import artifacts
+from vllm_neuron_qwen2.config import NeuronConfig, Qwen2Shape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,3 +35,112 @@ def test_standalone_api_under_torchrun_equals_tp1(tiny_qwen2: Path, tmp_path: Pa
     for rank in range(2):
         for a, b in zip(torch.load(f"{out}.rank{rank}.pt"), single, strict=True):
             assert a.shape == b.shape and (a - b).abs().max().item() < 2e-3
+
+
+# ------------------------------------------------------------------------------------ pinned folders
+
+
+def stand_in_servable(model_dir: Path, folder: Path) -> Path:
+    """A servable folder as `compile --out` lays it out, with a few stand-in weight and graph files."""
+    (folder / artifacts.GRAPHS_DIR).mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if path.suffix == ".json":
+            shutil.copy2(path, folder)
+    config = NeuronConfig(batch_size=2, seq_len=128).resolve(Qwen2Shape.from_pretrained(model_dir))
+    config.save(folder)
+    artifacts.weights_file(folder, 0).parent.mkdir()
+    artifacts.weights_file(folder, 0).write_bytes(os.urandom(1000))
+    artifacts.write_manifest(folder, skip=(artifacts.GRAPHS_DIR,))
+    graphs = folder / artifacts.GRAPHS_DIR
+    (graphs / "inductor").mkdir()
+    (graphs / "inductor" / "graph.py").write_text("def call(args):\n    return args\n")
+    config.save(graphs)
+    artifacts.write_manifest(graphs, key="k")
+    return folder
+
+
+def tamper_keeping_crc(folder: Path, name: str) -> None:
+    """Change one byte of `name` and record its new CRC, so that the manifest check still passes."""
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01
+    path.write_bytes(bytes(data))
+    manifest = artifacts.read_manifest(folder)
+    manifest["files"][name]["crc32"] = zlib.crc32(data)
+    (folder / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_pinned_digest_refuses_a_folder_changed_behind_its_crc(
+    tiny_qwen2: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = stand_in_servable(tiny_qwen2, tmp_path / "served")
+    cli.main(["info", str(folder)])
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("digest:")]
+    digest = line.split()[1]
+    assert digest == artifacts.folder_digest(folder) and len(digest) == 64
+    pinned = NeuronConfig(batch_size=2, pinned_digest=digest)
+    assert artifacts.open_servable(folder, pinned).batch_size == 2
+
+    graphs = folder / artifacts.GRAPHS_DIR
+    tamper_keeping_crc(graphs, "inductor/graph.py")
+    assert artifacts.check(folder) is None and artifacts.check(graphs) is None, "the CRCs still pass"
+    changed = artifacts.folder_digest(folder)
+    with pytest.raises(
+        artifacts.ArtifactError, match=f"has digest {changed}, but .*pinned_digest is {digest}"
+    ):
+        artifacts.open_servable(folder, pinned)
+    assert artifacts.open_servable(folder, NeuronConfig(batch_size=2)), "unpinned, the CRCs decide"
+
+    # A file planted next to the listed ones (inductor loads any entry of a key's folder) changes it too.
+    (graphs / "inductor" / "aaa.py").write_text("import os\n")
+    assert artifacts.check(graphs) is None and artifacts.folder_digest(folder) != changed
+
+
+def test_pin_is_refused_at_vllm_start_up(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """Through vLLM's own config creation (the platform's start-up checks), before any engine starts."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    folder = stand_in_servable(tiny_qwen2, tmp_path / "served")
+    wrong = "0" * 64
+
+    def start(model: Path) -> None:
+        extra = {"neuron_config": {"pinned_digest": wrong}}
+        EngineArgs(model=str(model), additional_config=extra, enforce_eager=True).create_engine_config()
+
+    with pytest.raises(ValueError, match=f"has digest {artifacts.folder_digest(folder)}, but .* is {wrong}"):
+        start(folder)
+    with pytest.raises(ValueError, match="pinned_digest pins a folder made by `vllm-neuron-qwen2 compile`"):
+        start(tiny_qwen2)
+
+
+def test_pin_holds_across_serving_a_real_compiled_folder(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """The one real compile here: loading a pinned folder writes nothing that changes its digest, and a
+    generated inductor module edited behind its CRC is refused."""
+    from vllm_neuron_qwen2 import NeuronQwen2ForCausalLM
+
+    out = tmp_path / "served"
+    cli.main(
+        ["compile", str(tiny_qwen2), "--max-num-seqs", "2", "--max-model-len", "64", "--out", str(out)]
+        + ["--max-num-batched-tokens", "16", "--buckets", "prefill_lengths=32", "decode_batch_sizes=2"]
+    )
+    digest = artifacts.folder_digest(out)
+    serve = (  # in a fresh process, so that inductor loads the graphs from the folder
+        "import sys; from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM; "
+        "config = NeuronConfig(batch_size=2, seq_len=64, pinned_digest=sys.argv[2]); "
+        "model = NeuronQwen2ForCausalLM.from_pretrained(sys.argv[1], config); "
+        "print(list(model.prefill([[1, 2, 3]], [0]).shape))"
+    )
+    served = subprocess.run(
+        [sys.executable, "-c", serve, str(out), digest], capture_output=True, text=True, timeout=300
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    vocab = Qwen2Shape.from_pretrained(tiny_qwen2).vocab_size
+    assert served.stdout.splitlines()[-1] == f"[1, {vocab}]" and "loading bucket graphs" in served.stderr
+    assert artifacts.folder_digest(out) == digest, "serving the folder left it as it was"
+
+    graphs = out / artifacts.GRAPHS_DIR
+    module = next(name for name in artifacts.read_manifest(graphs)["files"] if name.endswith(".py"))
+    tamper_keeping_crc(graphs, module)
+    assert artifacts.check(graphs) is None
+    with pytest.raises(artifacts.ArtifactError, match=f"pinned_digest is {digest}"):
+        NeuronQwen2ForCausalLM.from_pretrained(out, NeuronConfig(batch_size=2, pinned_digest=digest))

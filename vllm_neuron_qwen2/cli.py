@@ -156,6 +156,8 @@ def _info(args: argparse.Namespace) -> None:
     stale = "" if key == current else f" (this install computes {current}: the graphs are rebuilt at load)"
     print(f"key:      {key}{stale}")
     print(f"valid:    {'yes' if not problems else 'no, ' + '; '.join(problems)}")
+    # What a deployment pins in neuron_config.pinned_digest (see artifacts.folder_digest).
+    print(f"digest:   {artifacts.folder_digest(folder)} (sha256 of every file)")
     print(f"buckets:  {len(buckets)}: {' '.join(map(str, buckets))}")
     print(f"neuron_config: {json.dumps(config.to_dict(), sort_keys=True)}")
 

@@ -114,9 +114,10 @@ def served_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
 
     try:
         shape = Qwen2Shape.from_dict(vllm_config.model_config.hf_config.to_dict())
-        return serving_config(
-            Path(vllm_config.model_config.model), requested_neuron_config(vllm_config), shape
-        )
+        model_dir, requested = Path(vllm_config.model_config.model), requested_neuron_config(vllm_config)
+        if not artifacts.is_servable(model_dir):
+            artifacts.check_pin(model_dir, requested.pinned_digest)  # refuses a pin: only compiled folders
+        return serving_config(model_dir, requested, shape)
     except (TypeError, ValueError, artifacts.ArtifactError) as e:
         sources = ", ".join(f"{key} <- {opt}" for key, opt in _DERIVED_FIELDS.items())
         raise ValueError(

@@ -8,7 +8,10 @@ rebuilt, never used.
 
 A servable folder (`vllm-neuron-qwen2 compile --out DIR`) is a model directory that vLLM serves as it is: the
 model's config and tokenizer files, `neuron_config.json`, each rank's pre-sharded weights in
-`weights/tp{rank}.safetensors`, a manifest over those, and its graph folder in `graphs/`.
+`weights/tp{rank}.safetensors`, a manifest over those, and its graph folder in `graphs/`. It holds code
+(inductor's generated modules on cpu, the traced model on neuron), and its CRCs catch corruption, not
+tampering: a deployment pins the folder's SHA-256 digest (`folder_digest`, which `vllm-neuron-qwen2 info`
+shows) in `neuron_config.pinned_digest`.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def versions() -> dict[str, str | None]:
 def key_inputs(config: NeuronConfig, shape: Qwen2Shape) -> dict[str, Any]:
     """Everything the compiled graphs depend on (`config` resolved); where they are kept does not count."""
     neuron = config.to_dict()
-    del neuron["compiled_artifacts"]
+    del neuron["compiled_artifacts"], neuron["pinned_digest"]
     return {"model": dataclasses.asdict(shape), "neuron_config": neuron, "versions": versions()}
 
 
@@ -151,6 +154,40 @@ def check(folder: Path, key: str | None = None) -> str | None:
         if _fingerprint(path)["crc32"] != want["crc32"]:
             return f"{name} is corrupted (checksum mismatch)"
     return None
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over every file under `folder` (its manifests included): each one's path and content digest.
+
+    The files are hashed rather than the manifests: a manifest records only the files present at build
+    time, and `check` ignores any other, but inductor loads every entry in a cache key's directory, so a
+    file planted next to the listed ones must change the digest too. Lock files hold no content.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".lock"):
+        content = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 24):
+                content.update(block)
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{content.hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def check_pin(model_dir: Path, pinned_digest: str | None) -> None:
+    """Refuse a compiled folder whose digest is not the pinned one (when one is pinned)."""
+    if pinned_digest is None:
+        return
+    if not is_servable(model_dir):
+        raise ArtifactError(
+            "neuron_config.pinned_digest pins a folder made by `vllm-neuron-qwen2 compile`; "
+            f"{model_dir} is not one"
+        )
+    actual = folder_digest(model_dir)
+    if actual != pinned_digest:
+        raise ArtifactError(
+            f"{model_dir} has digest {actual}, but neuron_config.pinned_digest is {pinned_digest}: its files "
+            "changed since the digest was pinned; serve only a folder you compiled or verified"
+        )
 
 
 # ------------------------------------------------------------------------------------------ atomic builds
@@ -308,6 +345,7 @@ def check_compatible(saved: NeuronConfig, requested: NeuronConfig, folder: str |
 def open_servable(model_dir: str | Path, requested: NeuronConfig) -> NeuronConfig:
     """Check a servable folder's files and that it covers `requested`; returns the config to serve with."""
     model_dir = Path(model_dir)
+    check_pin(model_dir, requested.pinned_digest)
     problem = check(model_dir)
     if problem is not None:
         raise ArtifactError(
