@@ -12,6 +12,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,9 +21,10 @@ import torch
 import torchrun_tp_script
 from test_vllm_server import Server, free_port, server_env, stop
 
-from vllm_neuron_qwen2 import cli
+from vllm_neuron_qwen2 import cli, placement
 from vllm_neuron_qwen2.compile import artifacts
-from vllm_neuron_qwen2.config import NeuronConfig, Qwen2Shape
+from vllm_neuron_qwen2.config import ConfigError, NeuronConfig, Qwen2Shape
+from vllm_neuron_qwen2.model.parallel import TPGroup
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(sys.executable).parent / "vllm-neuron-qwen2"  # the package's console script
@@ -217,3 +219,52 @@ def test_serve_launcher_runs_vllm_serve(tiny_qwen2: Path, tmp_path: Path) -> Non
     ) as srv:
         tokens = completion_tokens(srv, [5, 6, 7, 8], max_tokens=8)
     assert tokens == hf_greedy(tiny_qwen2, [5, 6, 7, 8], 8)
+
+
+# ------------------------------------------------------------------------------ data-parallel placement
+
+
+def test_neuron_cores_and_threads_per_data_parallel_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's own per-rank core assignment through the platform, the environment each rank's process gets,
+    the core budget check and the CPU share; pure functions, no hardware."""
+    from vllm.v1.engine.utils import get_physical_gpu_ids_for_local_dp_rank
+
+    def cores_of(dp_rank: int, tp: int) -> list[int]:
+        return get_physical_gpu_ids_for_local_dp_rank(placement.VISIBLE_CORES_ENV, dp_rank, tp)
+
+    monkeypatch.setenv("VLLM_NEURON_QWEN2_BACKEND", "neuron")
+    monkeypatch.delenv(placement.VISIBLE_CORES_ENV, raising=False)
+    assert [cores_of(r, 2) for r in range(3)] == [[0, 1], [2, 3], [4, 5]], "unset: all cores, in order"
+    monkeypatch.setenv(placement.VISIBLE_CORES_ENV, "8-11,14-15")
+    assert [cores_of(r, 2) for r in range(3)] == [[8, 9], [10, 11], [14, 15]]
+    assert [placement.rank_environment(cores_of(r, 3)) for r in range(2)] == [
+        {placement.VISIBLE_CORES_ENV: "8-10"},
+        {placement.VISIBLE_CORES_ENV: "11,14-15"},
+    ]
+    assert placement.rank_environment(None) == {}, "without DP the rank keeps what it was given"
+
+    placement.check_core_budget(3, 2)
+    with pytest.raises(ConfigError, match=r"3 data-parallel .* --tensor-parallel-size 3 need 9 .* grants 6"):
+        placement.check_core_budget(3, 3)
+
+    assert placement.threads_per_rank(host_cpus=8, host_ranks=2 * 2) == 2
+    assert placement.threads_per_rank(host_cpus=2, host_ranks=2) == 1
+    assert placement.threads_per_rank(host_cpus=2, host_ranks=3) == 1, "never zero"
+
+
+def test_data_parallel_engines_build_a_missing_graph_folder_once(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """Two engines starting together (two threads here; flock excludes them as it does processes)."""
+    config = NeuronConfig(batch_size=2, seq_len=128, compiled_artifacts=str(tmp_path / "graphs"))
+    config = config.resolve(Qwen2Shape.from_pretrained(tiny_qwen2))
+    builds = []
+
+    def slow_build(tmp: Path) -> None:
+        builds.append(tmp)
+        time.sleep(1)
+        (tmp / "graph.bin").write_bytes(b"graph")
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(lambda _: artifacts.prepare(config, tiny_qwen2, slow_build, TPGroup()), range(2))
+        )
+    assert len(builds) == 1 and sorted(built for _, built in results) == [False, True]

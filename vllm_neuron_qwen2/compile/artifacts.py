@@ -16,7 +16,9 @@ shows) in `neuron_config.pinned_digest`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -24,7 +26,7 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,25 +233,50 @@ def prepare(
     """Make the graph folder of `config` (resolved) sound: its path, and True when it had to be built.
 
     `build(dir)` compiles every graph into `dir`. With tp > 1 it runs on every rank into one shared folder;
-    rank 0 alone checks, writes the manifest and commits.
+    rank 0 alone checks, writes the manifest and commits. Processes that start together (the engines of
+    data-parallel ranks) build a missing folder once: one builds under a lock, the others wait, then load it.
     """
     inputs = key_inputs(config, Qwen2Shape.from_pretrained(model_dir))
     key = artifact_key(inputs)
     folder = graph_folder(config, model_dir, key)
-    problem = _from_rank0(lambda: check(folder, key), tp)
-    if problem is None:
-        logger.info("Using compiled graphs in %s (key %s)", folder, key)
-        return folder, False
+    if _from_rank0(lambda: check(folder, key), tp) is not None:
+        with _build_lock(folder) if tp.rank == 0 else contextlib.nullcontext():
+            problem = _from_rank0(lambda: check(folder, key), tp)  # again: another process may have built it
+            if problem is not None:
+                _build(folder, key, inputs, problem, model_dir, config, build, tp)
+                return folder, True
+    logger.info("Using compiled graphs in %s (key %s)", folder, key)
+    return folder, False
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `<folder>.lock`, released when its holder ends in any way (even killed)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f"{folder.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _build(
+    folder: Path,
+    key: str,
+    inputs: dict[str, Any],
+    problem: str,
+    model_dir: Path,
+    config: NeuronConfig,
+    build: Callable[[Path], None],
+    tp: TPGroup,
+) -> None:
     tmp = _from_rank0(lambda: _start_build(folder, key, inputs, problem, model_dir), tp)
     build(tmp)
     _barrier(tp)
     if tp.rank == 0:
-        dataclasses.replace(config, compiled_artifacts=None).save(tmp)
+        dataclasses.replace(config, compiled_artifacts=None, pinned_digest=None).save(tmp)
         shutil.copyfile(model_dir / "config.json", tmp / "config.json")
         write_manifest(tmp, key=key, inputs=inputs, source=str(model_dir.resolve()))
         commit(tmp, folder)
     _barrier(tp)
-    return folder, True
 
 
 def _start_build(folder: Path, key: str, inputs: dict[str, Any], problem: str, model_dir: Path) -> Path:
