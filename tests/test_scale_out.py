@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 import torchrun_tp_script
@@ -190,25 +193,52 @@ def serve_args(model_dir: Path, port: int) -> list[str]:
     return [str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "128"]
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
+PROMPTS = [[5 + i, 6, 7 + 2 * i, 8] for i in range(8)]
+MAX_TOKENS = 8
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     from transformers import Qwen2ForCausalLM
 
     hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens
-    )
-    return out[0, len(prompt) :].tolist()
+    outputs = []
+    for prompt in prompts:
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False
+        )
+        outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
 
 
-def completion_tokens(server: Server, prompt: list[int], max_tokens: int) -> list[int]:
-    out = server.client().completions.create(
-        model=server.model,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        extra_body={"ignore_eos": True, "return_token_ids": True},
-    )
-    return out.choices[0].token_ids
+def concurrent_greedy(server: Server, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy completions of all `prompts`, sent at once."""
+
+    async def one(client: openai.AsyncOpenAI, prompt: list[int]) -> list[int]:
+        out = await client.completions.create(
+            model=server.model,
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        return out.choices[0].token_ids
+
+    async def run() -> list[list[int]]:
+        async with server.async_client() as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    return asyncio.run(run())
+
+
+def requests_per_engine(server: Server) -> dict[str, float]:
+    """Finished requests by engine (DP rank), from the per-engine labels of /metrics."""
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for engine, value in re.findall(
+        r'^vllm:request_success_total\{[^}]*engine="(\d+)"[^}]*\} (\S+)$', metrics, re.MULTILINE
+    ):
+        counts[engine] = counts.get(engine, 0) + float(value)
+    return counts
 
 
 def test_serve_launcher_runs_vllm_serve(tiny_qwen2: Path, tmp_path: Path) -> None:
@@ -217,8 +247,28 @@ def test_serve_launcher_runs_vllm_serve(tiny_qwen2: Path, tmp_path: Path) -> Non
     with launched(
         tmp_path / "server.log", *serve_args(tiny_qwen2, port), "--enforce-eager", port=port
     ) as srv:
-        tokens = completion_tokens(srv, [5, 6, 7, 8], max_tokens=8)
-    assert tokens == hf_greedy(tiny_qwen2, [5, 6, 7, 8], 8)
+        tokens = concurrent_greedy(srv, PROMPTS[:1])
+    assert tokens == hf_greedy(tiny_qwen2, PROMPTS[:1])
+
+
+SMALL_ENGINES = ["--max-num-seqs", "4", "--enforce-eager"]
+# One API server process (vLLM starts one per DP rank by default): fewer processes to start on 2 cores.
+ONE_API_SERVER = ["--api-server-count", "1"]
+
+
+def test_data_parallel_2_serves_hf_greedy_tokens_on_both_ranks(tiny_qwen2: Path, tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "server.log"
+    args = [*serve_args(tiny_qwen2, port), "--data-parallel-size", "2", *SMALL_ENGINES, *ONE_API_SERVER]
+    with launched(log, *args, port=port) as srv:
+        tokens = concurrent_greedy(srv, PROMPTS)
+        per_engine = requests_per_engine(srv)
+    assert tokens == hf_greedy(tiny_qwen2, PROMPTS)
+    assert sorted(per_engine) == ["0", "1"] and all(n > 0 for n in per_engine.values()), per_engine
+    assert sum(per_engine.values()) == len(PROMPTS)
+    # Each rank's process took its share of the host's CPUs (2 ranks x TP 1 here).
+    threads = placement.threads_per_rank(len(os.sched_getaffinity(0)), 2)
+    for rank in range(2):
+        assert f"DP rank {rank}, TP rank 0: {threads} torch threads" in log.read_text()
 
 
 # ------------------------------------------------------------------------------ data-parallel placement
@@ -268,3 +318,31 @@ def test_data_parallel_engines_build_a_missing_graph_folder_once(tiny_qwen2: Pat
             pool.map(lambda _: artifacts.prepare(config, tiny_qwen2, slow_build, TPGroup()), range(2))
         )
     assert len(builds) == 1 and sorted(built for _, built in results) == [False, True]
+
+
+def test_two_host_data_parallel_through_the_launcher(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """DP rank 1 on a `--headless` "host", rank 0 with the API server on another, both on 127.0.0.1."""
+    port, rpc_port = free_port(), free_port()
+    dp = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", *SMALL_ENGINES]
+    dp += ["--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(rpc_port)]
+    headless = [
+        str(tiny_qwen2),
+        "--max-model-len",
+        "128",
+        "--headless",
+        "--data-parallel-start-rank",
+        "1",
+        *dp,
+    ]
+    with (
+        launched(tmp_path / "headless.log", *headless),
+        launched(
+            tmp_path / "front.log", *serve_args(tiny_qwen2, port), *dp, *ONE_API_SERVER, port=port
+        ) as srv,
+    ):
+        tokens = concurrent_greedy(srv, PROMPTS)
+        per_engine = requests_per_engine(srv)
+    assert tokens == hf_greedy(tiny_qwen2, PROMPTS)
+    assert sorted(per_engine) == ["0", "1"] and all(n > 0 for n in per_engine.values()), per_engine
+    assert "DP rank 1, TP rank 0:" in (tmp_path / "headless.log").read_text()
+    assert "DP rank 0, TP rank 0:" in (tmp_path / "front.log").read_text()
