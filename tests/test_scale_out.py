@@ -318,6 +318,7 @@ def test_data_parallel_engines_build_a_missing_graph_folder_once(tiny_qwen2: Pat
             pool.map(lambda _: artifacts.prepare(config, tiny_qwen2, slow_build, TPGroup()), range(2))
         )
     assert len(builds) == 1 and sorted(built for _, built in results) == [False, True]
+    assert [p.name for p in tmp_path.iterdir()] == ["graphs"], "no lock or temporary folder is left"
 
 
 def test_two_host_data_parallel_through_the_launcher(tiny_qwen2: Path, tmp_path: Path) -> None:

@@ -251,11 +251,25 @@ def prepare(
 
 @contextlib.contextmanager
 def _build_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock on `<folder>.lock`, released when its holder ends in any way (even killed)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(f"{folder.name}.lock"), "w") as lock:
+    """An exclusive lock on `<folder>.lock`, released when its holder ends in any way (even killed).
+
+    The holder deletes the file when done, so a waiter may wake up holding a lock on a deleted file:
+    it then locks the current one instead.
+    """
+    path = folder.with_name(f"{folder.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        lock = path.open("a")
         fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        lock.close()
+    try:
         yield
+    finally:
+        path.unlink()
+        lock.close()
 
 
 def _build(
