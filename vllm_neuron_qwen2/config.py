@@ -126,6 +126,7 @@ class NeuronConfig:
     max_topk: int = 256  # top-k bound of the in-graph sampler (as on Neuron)
     compile_mode: str = "eager"  # cpu backend: run graphs eagerly or through torch.compile
     compiled_artifacts: str | None = None  # artifact folder; default ~/.cache/vllm-neuron-qwen2/<key>
+    pinned_digest: str | None = None  # serve a compiled folder only if its digest (`info`) is this one
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> NeuronConfig:

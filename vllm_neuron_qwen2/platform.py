@@ -12,11 +12,11 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from . import BACKEND_ENV, active_backend
+from . import BACKEND_ENV, active_backend, placement
 from .config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import ParallelConfig, VllmConfig
     from vllm.inputs import EngineInput
     from vllm.pooling_params import PoolingParams
     from vllm.sampling_params import SamplingParams
@@ -114,9 +114,10 @@ def served_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
 
     try:
         shape = Qwen2Shape.from_dict(vllm_config.model_config.hf_config.to_dict())
-        return serving_config(
-            Path(vllm_config.model_config.model), requested_neuron_config(vllm_config), shape
-        )
+        model_dir, requested = Path(vllm_config.model_config.model), requested_neuron_config(vllm_config)
+        if not artifacts.is_servable(model_dir):
+            artifacts.check_pin(model_dir, requested.pinned_digest)  # refuses a pin: only compiled folders
+        return serving_config(model_dir, requested, shape)
     except (TypeError, ValueError, artifacts.ArtifactError) as e:
         sources = ", ".join(f"{key} <- {opt}" for key, opt in _DERIVED_FIELDS.items())
         raise ValueError(
@@ -153,6 +154,14 @@ def _reject_unsupported(vllm_config: VllmConfig) -> None:
         raise ValueError(
             "--kv-cache-dtype: the Neuron decoder keeps its KV cache in the model dtype; use 'auto'"
         )
+
+
+def _prepare_data_parallel_ranks(pc: ParallelConfig) -> None:
+    """Before vLLM spawns this host's engine cores: check that their NeuronCores exist, and tell their
+    workers how many rank processes share the host (placement.py places each rank in its own process)."""
+    if active_backend() == "neuron":
+        placement.check_core_budget(pc.data_parallel_size_local, pc.tensor_parallel_size)
+    os.environ[placement.HOST_RANKS_ENV] = str(max(1, pc.data_parallel_size_local) * pc.tensor_parallel_size)
 
 
 def _replace_parallel_check() -> None:
@@ -244,6 +253,12 @@ class NeuronQwen2Platform(Platform):
         pass
 
     @classmethod
+    def device_id_to_physical_device_id(cls, device_id: int) -> int:
+        # vLLM maps each DP rank's logical cores through this (see placement.py); the base class cannot read
+        # ranges such as NEURON_RT_VISIBLE_CORES=0-7. The cpu backend has no NeuronCores to map.
+        return placement.physical_core(device_id) if active_backend() == "neuron" else device_id
+
+    @classmethod
     def manual_seed_all(cls, seed: int) -> None:
         torch.manual_seed(seed)
 
@@ -277,8 +292,9 @@ class NeuronQwen2Platform(Platform):
     def validate_environ(cls, hard_fail: bool) -> None:
         from vllm import envs
 
-        # vLLM flags VLLM_* variables it does not know; this one belongs to the platform.
-        envs.environment_variables.setdefault(BACKEND_ENV, lambda: os.environ.get(BACKEND_ENV))
+        # vLLM flags VLLM_* variables it does not know; these belong to the platform.
+        for name in (BACKEND_ENV, placement.HOST_RANKS_ENV):
+            envs.environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
         super().validate_environ(hard_fail)
 
     @classmethod
@@ -308,6 +324,7 @@ class NeuronQwen2Platform(Platform):
             pc.distributed_executor_backend = "mp"  # one gloo rank per shard
         else:
             pc.distributed_executor_backend = "uni"  # on Neuron, TP lives inside the runtime
+        _prepare_data_parallel_ranks(pc)
 
         # vLLM's block pool allocates exactly the model's pool (block 0 is its null block, our padding block).
         cc.num_gpu_blocks_override = served.num_blocks

@@ -9,6 +9,8 @@ from vllm.distributed import ensure_model_parallel_initialized, init_distributed
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
+from . import active_backend, placement
+from .platform import logger
 from .runner import NeuronQwen2ModelRunner
 from .vllm_model import NeuronQwen2ForVLLM
 
@@ -29,6 +31,9 @@ class NeuronQwen2Worker(WorkerBase):
     def init_device(self) -> None:
         self.device = torch.device("cpu")
         pc = self.parallel_config
+        # Before the model (and with it the Neuron runtime) loads: this DP rank's cores or thread share.
+        placed = placement.place_this_rank(pc, active_backend())
+        logger.info("DP rank %d, TP rank %d: %s", pc.data_parallel_index, self.rank, placed)
         # The cpu backend runs one process per TP rank (gloo); on Neuron the runtime spans the cores itself.
         world = pc.world_size if pc.distributed_executor_backend == "mp" else 1
         init_distributed_environment(

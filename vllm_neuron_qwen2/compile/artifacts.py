@@ -8,12 +8,17 @@ rebuilt, never used.
 
 A servable folder (`vllm-neuron-qwen2 compile --out DIR`) is a model directory that vLLM serves as it is: the
 model's config and tokenizer files, `neuron_config.json`, each rank's pre-sharded weights in
-`weights/tp{rank}.safetensors`, a manifest over those, and its graph folder in `graphs/`.
+`weights/tp{rank}.safetensors`, a manifest over those, and its graph folder in `graphs/`. It holds code
+(inductor's generated modules on cpu, the traced model on neuron), and its CRCs catch corruption, not
+tampering: a deployment pins the folder's SHA-256 digest (`folder_digest`, which `vllm-neuron-qwen2 info`
+shows) in `neuron_config.pinned_digest`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -21,7 +26,7 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +82,7 @@ def versions() -> dict[str, str | None]:
 def key_inputs(config: NeuronConfig, shape: Qwen2Shape) -> dict[str, Any]:
     """Everything the compiled graphs depend on (`config` resolved); where they are kept does not count."""
     neuron = config.to_dict()
-    del neuron["compiled_artifacts"]
+    del neuron["compiled_artifacts"], neuron["pinned_digest"]
     return {"model": dataclasses.asdict(shape), "neuron_config": neuron, "versions": versions()}
 
 
@@ -153,6 +158,40 @@ def check(folder: Path, key: str | None = None) -> str | None:
     return None
 
 
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over every file under `folder` (its manifests included): each one's path and content digest.
+
+    The files are hashed rather than the manifests: a manifest records only the files present at build
+    time, and `check` ignores any other, but inductor loads every entry in a cache key's directory, so a
+    file planted next to the listed ones must change the digest too. Lock files hold no content.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".lock"):
+        content = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 24):
+                content.update(block)
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{content.hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def check_pin(model_dir: Path, pinned_digest: str | None) -> None:
+    """Refuse a compiled folder whose digest is not the pinned one (when one is pinned)."""
+    if pinned_digest is None:
+        return
+    if not is_servable(model_dir):
+        raise ArtifactError(
+            "neuron_config.pinned_digest pins a folder made by `vllm-neuron-qwen2 compile`; "
+            f"{model_dir} is not one"
+        )
+    actual = folder_digest(model_dir)
+    if actual != pinned_digest:
+        raise ArtifactError(
+            f"{model_dir} has digest {actual}, but neuron_config.pinned_digest is {pinned_digest}: its files "
+            "changed since the digest was pinned; serve only a folder you compiled or verified"
+        )
+
+
 # ------------------------------------------------------------------------------------------ atomic builds
 
 
@@ -194,25 +233,64 @@ def prepare(
     """Make the graph folder of `config` (resolved) sound: its path, and True when it had to be built.
 
     `build(dir)` compiles every graph into `dir`. With tp > 1 it runs on every rank into one shared folder;
-    rank 0 alone checks, writes the manifest and commits.
+    rank 0 alone checks, writes the manifest and commits. Processes that start together (the engines of
+    data-parallel ranks) build a missing folder once: one builds under a lock, the others wait, then load it.
     """
     inputs = key_inputs(config, Qwen2Shape.from_pretrained(model_dir))
     key = artifact_key(inputs)
     folder = graph_folder(config, model_dir, key)
-    problem = _from_rank0(lambda: check(folder, key), tp)
-    if problem is None:
-        logger.info("Using compiled graphs in %s (key %s)", folder, key)
-        return folder, False
+    if _from_rank0(lambda: check(folder, key), tp) is not None:
+        with _build_lock(folder) if tp.rank == 0 else contextlib.nullcontext():
+            problem = _from_rank0(lambda: check(folder, key), tp)  # again: another process may have built it
+            if problem is not None:
+                _build(folder, key, inputs, problem, model_dir, config, build, tp)
+                return folder, True
+    logger.info("Using compiled graphs in %s (key %s)", folder, key)
+    return folder, False
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `<folder>.lock`, released when its holder ends in any way (even killed).
+
+    The holder deletes the file when done, so a waiter may wake up holding a lock on a deleted file:
+    it then locks the current one instead.
+    """
+    path = folder.with_name(f"{folder.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        lock = path.open("a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        lock.close()
+    try:
+        yield
+    finally:
+        path.unlink()
+        lock.close()
+
+
+def _build(
+    folder: Path,
+    key: str,
+    inputs: dict[str, Any],
+    problem: str,
+    model_dir: Path,
+    config: NeuronConfig,
+    build: Callable[[Path], None],
+    tp: TPGroup,
+) -> None:
     tmp = _from_rank0(lambda: _start_build(folder, key, inputs, problem, model_dir), tp)
     build(tmp)
     _barrier(tp)
     if tp.rank == 0:
-        dataclasses.replace(config, compiled_artifacts=None).save(tmp)
+        dataclasses.replace(config, compiled_artifacts=None, pinned_digest=None).save(tmp)
         shutil.copyfile(model_dir / "config.json", tmp / "config.json")
         write_manifest(tmp, key=key, inputs=inputs, source=str(model_dir.resolve()))
         commit(tmp, folder)
     _barrier(tp)
-    return folder, True
 
 
 def _start_build(folder: Path, key: str, inputs: dict[str, Any], problem: str, model_dir: Path) -> Path:
@@ -308,6 +386,7 @@ def check_compatible(saved: NeuronConfig, requested: NeuronConfig, folder: str |
 def open_servable(model_dir: str | Path, requested: NeuronConfig) -> NeuronConfig:
     """Check a servable folder's files and that it covers `requested`; returns the config to serve with."""
     model_dir = Path(model_dir)
+    check_pin(model_dir, requested.pinned_digest)
     problem = check(model_dir)
     if problem is not None:
         raise ArtifactError(

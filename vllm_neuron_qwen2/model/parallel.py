@@ -7,6 +7,8 @@ parameter as `param.shards`, one `Shard` per checkpoint tensor stacked into it, 
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,11 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# What torchrun (torch.distributed.run) exports to every rank; env:// initialisation reads exactly these.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,15 @@ class TPGroup:
     def current(cls, tp_degree: int) -> TPGroup:
         if tp_degree == 1:
             return cls()
+        if not dist.is_initialized() and all(name in os.environ for name in TORCHRUN_ENV):
+            # Launched by torchrun without a group of its own: start one, as HF's from_pretrained(tp_plan=...)
+            # does, so that the standalone API runs under torchrun as it is.
+            dist.init_process_group("gloo")
+            logger.info(
+                "tp_degree=%d: "
+                "initialised torch.distributed (gloo) from torchrun's environment, rank %d of %d",
+                tp_degree, dist.get_rank(), dist.get_world_size(),
+            )  # fmt: skip
         if not dist.is_initialized():
             raise RuntimeError(
                 f"tp_degree={tp_degree} needs torch.distributed initialised with {tp_degree} ranks "
