@@ -24,6 +24,7 @@ from ..config import ConfigError, NeuronConfig, Qwen2Shape
 from ..model.graphs import BucketGraph, example_inputs
 from ..model.parallel import TPGroup, VocabParallelEmbedding, embed_owned
 from ..model.qwen2 import Qwen2Decoder
+from ..placement import visible_cores
 from . import artifacts
 from .buckets import Bucket
 
@@ -53,24 +54,12 @@ def require_neuron() -> None:
         ) from e
 
 
-def visible_cores() -> int | None:
-    """How many NeuronCores NEURON_RT_VISIBLE_CORES ("0-3", "4,5", "8") grants; None when it is unset."""
-    spec = os.environ.get("NEURON_RT_VISIBLE_CORES", "").strip()
-    if not spec:
-        return None
-    count = 0
-    for part in spec.split(","):
-        first, _, last = part.partition("-")
-        count += int(last or first) - int(first) + 1
-    return count
-
-
 def check_cores(tp_degree: int) -> None:
     cores = visible_cores()
-    if cores is not None and cores < tp_degree:
+    if cores is not None and len(cores) < tp_degree:
         raise ConfigError(
             f"neuron_config.tp_degree: {tp_degree} NeuronCores are needed, but NEURON_RT_VISIBLE_CORES="
-            f"{os.environ['NEURON_RT_VISIBLE_CORES']} grants {cores}; "
+            f"{os.environ['NEURON_RT_VISIBLE_CORES']} grants {len(cores)}; "
             "widen it or lower --tensor-parallel-size"
         )
 
