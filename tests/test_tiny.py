@@ -51,7 +51,12 @@ def test_tokenizer_is_qwen2_like(tiny_qwen2: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
     assert 400 <= len(tokenizer) <= 500
     assert tokenizer.eos_token == "<|endoftext|>"
-    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == len(tokenizer) - 3  # specials follow the BPE
+    # as in Qwen2.5: the special tokens follow the BPE, then <tool_call> and </tool_call>
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<tool_call>", "</tool_call>"]) == [
+        len(tokenizer) - 5,
+        len(tokenizer) - 2,
+        len(tokenizer) - 1,
+    ]
     text = "Hello! What is the capital of France? 🤖"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     prompt = tokenizer.apply_chat_template(
@@ -63,6 +68,52 @@ def test_tokenizer_is_qwen2_like(tiny_qwen2: Path) -> None:
     )
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert tokenizer(prompt)["input_ids"].count(im_start) == 3  # a special token stays one token
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_chat_template_renders_tools_like_qwen2_5(tiny_qwen2: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+            ],
+        },
+        {"role": "tool", "content": "sunny"},
+    ]
+    prompt = tokenizer.apply_chat_template(
+        messages, tools=[WEATHER_TOOL], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n"
+        "You may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        + json.dumps(WEATHER_TOOL)
+        + "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+        "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    ids = tokenizer(prompt)["input_ids"]
+    tool_call, end_tool_call = tokenizer.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    assert ids.count(tool_call) == ids.count(end_tool_call) == 3  # one token each, as in Qwen2.5
+    # not special: the tags stay in decoded text, where the tool parser looks for them
+    assert tokenizer.decode([tool_call, end_tool_call], skip_special_tokens=True) == "<tool_call></tool_call>"
 
 
 def test_transformers_generates_varied_tokens(tiny_qwen2: Path) -> None:

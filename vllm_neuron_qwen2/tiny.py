@@ -3,7 +3,8 @@
 A checkpoint is a real HF Qwen2 directory: `config.json` (with `architectures` and a top-level `rope_theta`
 like published Qwen2 checkpoints), `generation_config.json`, safetensors weights (optionally sharded with
 `model.safetensors.index.json`) and a byte-level BPE `tokenizer.json` trained on a small built-in corpus,
-with Qwen2's special tokens and ChatML chat template.
+with Qwen2's special tokens, Qwen2.5's tool-call tokens and Qwen2.5-Instruct's chat template (ChatML, plus
+tools).
 
 Weights are random but deliberately large (not HF's std 0.02 init), so logits are peaked and greedy decoding
 yields varied tokens: comparisons between implementations then catch real differences.
@@ -21,23 +22,73 @@ import torch
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-TOKENIZER_BPE_SIZE = 450  # byte alphabet (256) + merges; the special tokens come on top, like Qwen2's
+# Ordinary added tokens in Qwen2.5 (not special: they survive detokenization), after the special ones.
+TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
+TOKENIZER_BPE_SIZE = 450  # byte alphabet (256) + merges; the added tokens come on top, like Qwen2's
 
 QWEN2_SPLIT_PATTERN = (  # Qwen2's pre-tokenizer regex
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Qwen2-Instruct's ChatML template.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# Qwen2.5-Instruct's chat template: ChatML, and with `tools` the <tools> system block, <tool_call> assistant
+# turns and <tool_response> user turns that vLLM's hermes tool parser reads. The default system prompt is
+# Qwen2-Instruct's, so a chat without tools renders exactly as under Qwen2's ChatML template.
+CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""  # noqa: E501
 
 # Random-init scales, see _random_state_dict; tuned so greedy decoding of the tiny model varies.
 GAIN, OUTPUT_GAIN, EMBED_GAIN = 2.0, 3.0, 2.0
@@ -72,7 +123,16 @@ night it opened a new book by the light of the moon.
 @functools.cache
 def _tokenizer_json() -> str:
     """Train the byte-level BPE once per process; training is deterministic for a fixed corpus."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     # Qwen2's normalizer and pre-tokenizer, so transformers' Qwen2Tokenizer (which imposes them) agrees.
     tokenizer = Tokenizer(models.BPE())
@@ -91,6 +151,7 @@ def _tokenizer_json() -> str:
     )
     tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))  # appended after the BPE vocab, as in Qwen2
+    tokenizer.add_tokens([AddedToken(token, normalized=False, special=False) for token in TOOL_CALL_TOKENS])
     return tokenizer.to_str()
 
 
