@@ -50,7 +50,7 @@ def compile_servable(model_dir: str | Path, config: NeuronConfig, out: str | Pat
 
     The folder is assembled in a temporary sibling and renamed into place when complete: model files,
     `neuron_config.json`, pre-sharded weights with their manifest, then the graphs (on the cpu backend with
-    TP > 1, one spawned process per rank).
+    one spawned process per rank).
     """
     model_dir, out = Path(model_dir), Path(out).resolve()
     if artifacts.is_servable(model_dir):
@@ -67,7 +67,9 @@ def compile_servable(model_dir: str | Path, config: NeuronConfig, out: str | Pat
         load_checkpoint(decoder, model_dir, progress=False)
         artifacts.save_weights(decoder, tmp)
     artifacts.write_manifest(tmp, skip=(artifacts.GRAPHS_DIR,))
-    if config.backend == "cpu" and config.tp_degree > 1:
+    if config.backend == "cpu":
+        # In fresh processes: inductor keeps paths of kernels this process built before, and would leave
+        # them out of the new folder.
         torch.multiprocessing.spawn(_compile_rank, (tmp, config, _free_port()), nprocs=config.tp_degree)
     else:
         NeuronQwen2ForCausalLM.from_pretrained(tmp, config)
