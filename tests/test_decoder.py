@@ -211,12 +211,16 @@ def test_in_graph_sampling_greedy_matches_argmax_and_respects_top_k(tiny_qwen2):
         assert token[0].item() in top2 and token[1].item() == logits[1].argmax().item()
 
 
-def test_strict_export_of_a_prefill_and_a_decode_bucket(tiny_qwen2):
+def test_strict_export_of_a_prefill_a_decode_and_a_score_bucket(tiny_qwen2):
     # the backend-neutral graphs, as a Neuron tracer gets them (the cpu backend prepacks weights for oneDNN)
     config = NeuronConfig(**CONFIG).resolve(Qwen2Shape.from_pretrained(tiny_qwen2))
     decoder = Qwen2Decoder(Qwen2Shape.from_pretrained(tiny_qwen2), config, TPGroup())
     load_checkpoint(decoder, tiny_qwen2, progress=False)
-    for bucket in (Bucket(config.batch_size, 32, 64, False), Bucket(4, 0, 64, True)):
+    for bucket in (
+        Bucket(config.batch_size, 32, 64, False),
+        Bucket(4, 0, 64, True),
+        Bucket(0, 32, 64, False, True),
+    ):
         graph = BucketGraph(decoder, bucket)
         exported = torch.export.export(graph, example_inputs(bucket, config.block_size), strict=True)
         assert exported.graph_module is not None
