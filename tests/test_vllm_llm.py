@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from structured_schemas import SCHEMA
 
 TOL = 2e-3
 MAX_MODEL_LEN = 128
@@ -404,15 +405,6 @@ def test_prompt_logprobs_match_hf(configured: tuple[Any, Path]) -> None:
             assert entries[token].rank == int((want[pos] > want[pos, token]).sum()) + 1
 
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "answer": {"enum": ["yes", "no"]},
-        "count": {"type": "integer", "minimum": 0, "maximum": 9},
-    },
-    "required": ["answer", "count"],
-    "additionalProperties": False,
-}
 REGEX = r"[a-c]{3}-[0-9]{2}"
 CHOICES = ["red", "green", "blue"]
 GRAMMAR = 'root ::= "yes" | "no" | "maybe " [0-9]'

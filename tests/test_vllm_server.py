@@ -25,6 +25,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from structured_schemas import SCHEMA
 from transformers import AutoTokenizer
 
 MAX_MODEL_LEN = 1024  # a chat with tools: the tiny tokenizer spends ~800 tokens on the <tools> block
@@ -196,17 +197,6 @@ def test_completion_chat_and_streaming(server: Server) -> None:
     )
     deltas = "".join(chunk.choices[0].delta.content or "" for chunk in chat_stream if chunk.choices)
     assert deltas == chat.choices[0].message.content
-
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "answer": {"enum": ["yes", "no"]},
-        "count": {"type": "integer", "minimum": 0, "maximum": 9},
-    },
-    "required": ["answer", "count"],
-    "additionalProperties": False,
-}
 
 
 def test_structured_outputs_echo_and_prompt_logprobs(server: Server) -> None:
