@@ -151,7 +151,7 @@ def tokenizer_vocab(llm: Any) -> int:
     return len(llm.get_tokenizer())
 
 
-# Prompt lengths around block edges (16, 32) and tiles of 16, longer than a 40-token step, plus one that runs
+# Prompt lengths around block edges (16, 32) and tiles of 8, longer than a 40-token step, plus one that runs
 # into max_model_len.
 EDGE_LENGTHS = [1, 7, 8, 9, 15, 16, 17, 24, 25, 31, 32, 33, 47, 64, 65, 95, 96, 120]
 MAX_TOKENS = [1, 3, 30, 12, 5, 40, 2, 17]

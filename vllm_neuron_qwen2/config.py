@@ -96,7 +96,7 @@ def _ladder(smallest: int, largest: int, multiple: int = 1, halves: bool = True)
 
 BUCKET_FIELDS = ("prefill_lengths", "decode_batch_sizes", "context_lengths")
 # Prefill tokens are laid out in tiles of this many queries; each tile attends to its own sequence's blocks.
-PREFILL_TILE = 16
+PREFILL_TILE = 8
 BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
