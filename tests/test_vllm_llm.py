@@ -41,7 +41,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "additional_config": {
                 "neuron_config": {
                     "on_device_sampling": False,
-                    "prefill_lengths": [32, 96],
+                    "prefill_lengths": [32, 64],
                     "decode_batch_sizes": [2, 4],
                     "context_lengths": [48, 128],
                 }
