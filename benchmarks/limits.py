@@ -59,8 +59,10 @@ def measure(repeats: int = 5) -> dict[str, float]:
     }
 
 
-def decode_step_bytes(config: dict[str, Any], batch: int, context: float) -> dict[str, float]:
-    """Bytes one decode step of `batch` rows must stream from memory (float32).
+def decode_step_bytes(
+    config: dict[str, Any], batch: int, context: float, itemsize: int = FLOAT32
+) -> dict[str, float]:
+    """Bytes one decode step of `batch` rows must stream from memory, weights and KV `itemsize` bytes each.
 
     Every decoder weight once, plus the lm_head (= embedding when tied) matrix once, plus each row's K and V
     for its `context` attended positions. Embedding lookups touch only `batch` rows and are left out.
@@ -76,8 +78,8 @@ def decode_step_bytes(config: dict[str, Any], batch: int, context: float) -> dic
         + 3 * h * inter  # gate, up, down
         + 2 * h  # two RMSNorms
     )  # fmt: skip
-    weights = (layers * per_layer + vocab * h + h) * FLOAT32  # + lm_head and the final norm
-    kv_bytes = batch * context * layers * 2 * kv * FLOAT32
+    weights = (layers * per_layer + vocab * h + h) * itemsize  # + lm_head and the final norm
+    kv_bytes = batch * context * layers * 2 * kv * itemsize
     return {"weights": weights, "kv": kv_bytes, "total": weights + kv_bytes}
 
 

@@ -14,13 +14,21 @@ import numpy as np
 from benchmarks.limits import decode_bound, decode_step_bytes
 from benchmarks.workload import DECODE_SHORT, Workload
 
-ENGINES = {"plugin": "plugin (cpu backend)", "vllm-cpu": "vLLM CPU", "hf": "HF transformers"}
+ENGINES = {
+    "plugin": "plugin (cpu backend)",
+    "vllm-cpu": "vLLM CPU",
+    "hf": "HF transformers",
+    "plugin-fp32": "plugin, float32",
+}
+ITEMSIZE = {"float32": 4, "bfloat16": 2}
 GIB = 1 << 30
 PADDING_TARGET = 0.25
 # plugin throughput / vLLM CPU's, per workload (the issue's targets); other workloads: 1.0
 THROUGHPUT_VS_VLLM = {"default": 1.05, "chat": 1.0, "long": 1.0}
 # workloads where the plugin's TTFT p50 must not exceed vLLM CPU's
 TTFT_VS_VLLM = ("chat",)
+# bfloat16 runs: plugin vs vLLM CPU on every workload, vs the plugin in float32, decode % of the bf16 bound
+BF16_VS_VLLM, BF16_VS_FP32, BF16_DECODE_PCT = 1.0, 1.6, 60
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -42,7 +50,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "limits": limits,
         "startup": _startup(raw),
         "workloads": workloads,
-        "targets": [(name, *t) for name, s in workloads.items() for t in _targets(name, s)],
+        "targets": [
+            (name, *t)
+            for name, s in workloads.items()
+            for t in _targets(name, s, raw.get("dtype", "float32"))
+        ],
     }
 
 
@@ -53,7 +65,13 @@ def _summarize_workload(
     # The decode probe's extra steps attend, on average, to this many positions per row.
     probe = w.prompts()[: w.max_num_seqs]
     context = statistics.mean(len(p) for p in probe) + DECODE_SHORT + w.output_tokens / 2
-    step = decode_step_bytes(raw["model_config"], len(probe), context)
+    dtype = raw.get("dtype", "float32")
+
+    def step_bytes(engine: str) -> dict[str, float]:
+        itemsize = ITEMSIZE["float32" if engine == "plugin-fp32" else dtype]
+        return decode_step_bytes(raw["model_config"], len(probe), context, itemsize)
+
+    step = step_bytes("plugin")
 
     engines: dict[str, dict[str, Any]] = {}
     for engine in raw["engines"]:
@@ -66,7 +84,7 @@ def _summarize_workload(
         # measured right before and after its own job.
         gbps = [statistics.mean(o["read_gbps_around"]) for o in offline]
         pct = [
-            100 * o["decode_tps"] / decode_bound(g, step["total"], len(probe))
+            100 * o["decode_tps"] / decode_bound(g, step_bytes(engine)["total"], len(probe))
             for o, g in zip(offline, gbps, strict=True)
         ]
         engines[engine] = {
@@ -135,16 +153,17 @@ def _padding(per_round: list[dict[str, list[int]]]) -> dict[str, Any]:
     return {"buckets": dict(sorted(buckets.items())), "waste": waste}
 
 
-def _targets(workload: str, summary: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
+def _targets(workload: str, summary: dict[str, Any], dtype: str) -> list[tuple[str, bool | None, str]]:
     """(target, met (None when not measured), detail) for one workload."""
     engines, padding = summary["engines"], summary["padding"]
     plugin = engines.get("plugin")
     if plugin is None:
         return []
     out: list[tuple[str, bool | None, str]] = []
-    vllm, hf = engines.get("vllm-cpu"), engines.get("hf")
+    vllm, hf, fp32 = engines.get("vllm-cpu"), engines.get("hf"), engines.get("plugin-fp32")
+    bf16 = dtype == "bfloat16"
     if vllm:
-        goal = THROUGHPUT_VS_VLLM.get(workload, 1.0)
+        goal = BF16_VS_VLLM if bf16 else THROUGHPUT_VS_VLLM.get(workload, 1.0)
         ratio = plugin["throughput"] / vllm["throughput"]
         out.append((f"plugin throughput >= {goal:.2f}x vLLM CPU", ratio >= goal, f"{ratio:.2f}x"))
         if workload in TTFT_VS_VLLM:
@@ -156,8 +175,11 @@ def _targets(workload: str, summary: dict[str, Any]) -> list[tuple[str, bool | N
     if hf:
         ratio = plugin["throughput"] / hf["throughput"]
         out.append(("plugin throughput >= HF transformers", ratio >= 1.0, f"{ratio:.2f}x"))
-    pct = plugin["decode_pct_of_bound"]
-    out.append(("plugin decode >= 50% of the bandwidth bound", pct >= 50, f"{pct:.0f}%"))
+    if fp32:
+        ratio = plugin["throughput"] / fp32["throughput"]
+        out.append((f"plugin bf16 >= {BF16_VS_FP32}x plugin float32", ratio >= BF16_VS_FP32, f"{ratio:.2f}x"))
+    pct, goal = plugin["decode_pct_of_bound"], BF16_DECODE_PCT if bf16 else 50
+    out.append((f"plugin decode >= {goal}% of the bandwidth bound", pct >= goal, f"{pct:.0f}%"))
     for kind, waste in padding["waste"].items():
         met = None if waste is None else waste <= PADDING_TARGET
         detail = "not measured" if waste is None else f"{100 * waste:.1f}%"
@@ -232,9 +254,12 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any]) -> str:
     machine, limits = raw["machine"], summary["limits"]
     workloads = {name: Workload.from_dict(values) for name, values in raw["workloads"].items()}
     first = next(iter(workloads.values()))
+    dtype = raw.get("dtype", "float32")
+    if "plugin-fp32" in raw["engines"]:
+        dtype += f" (and {ENGINES['plugin-fp32']}: the plugin in float32 in the same run)"
     lines = [
         f"Workloads {', '.join(workloads)}: ignore_eos, greedy, max_num_seqs={first.max_num_seqs}, "
-        f"max_model_len={first.max_model_len}; Qwen2-0.5B geometry, {first.layers} layers, float32, random "
+        f"max_model_len={first.max_model_len}; Qwen2-0.5B geometry, {first.layers} layers, {dtype}, random "
         f"weights. Medians of {len(raw['rounds'])} rounds.",
         "",
     ]

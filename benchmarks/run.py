@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import procs, report
+from benchmarks.engines import PLUGIN_ENGINES
 from benchmarks.serving import serve_and_stream
 from benchmarks.workload import WORKLOADS, Workload, checkpoint, model_geometry, warmup_prompts
 
@@ -41,7 +42,7 @@ def engine_env(engine: str, cache: Path) -> dict[str, str]:
         VLLM_CACHE_ROOT=str(cache / "vllm"),
         TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
     )
-    if engine == "plugin":
+    if engine in PLUGIN_ENGINES:
         env[BACKEND_ENV] = "cpu"
         env["NEURON_COMPILED_ARTIFACTS"] = str(cache / "artifacts")
     elif engine == "vllm-cpu":
@@ -82,8 +83,12 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def server_args(w: Workload, extra: dict[str, Any] | None) -> list[str]:
-    args = ["--dtype", "float32", "--max-model-len", str(w.max_model_len)]
+def engine_dtype(engine: str, dtype: str) -> str:
+    return "float32" if engine == "plugin-fp32" else dtype
+
+
+def server_args(w: Workload, dtype: str, extra: dict[str, Any] | None) -> list[str]:
+    args = ["--dtype", dtype, "--max-model-len", str(w.max_model_len)]
     args += ["--max-num-seqs", str(w.max_num_seqs), "--seed", "0"]
     if extra:
         args += ["--additional-config", json.dumps(extra)]
@@ -94,9 +99,10 @@ def run_engine(
     engine: str, w: Workload, model: Path, work: Path, logs: Path, opts: argparse.Namespace
 ) -> dict[str, Any]:
     """One engine on one workload: its offline job between two bandwidth measurements, then its server run."""
-    spec = {"workload": w.to_dict(), "model": str(model)}
+    spec = {"workload": w.to_dict(), "model": str(model), "dtype": engine_dtype(engine, opts.dtype)}
     env = engine_env(engine, work / "cache" / engine)
-    llm_args = {"additional_config": opts.plugin_config} if engine == "plugin" and opts.plugin_config else {}
+    plugin_config = opts.plugin_config if engine in PLUGIN_ENGINES else None
+    llm_args = {"additional_config": plugin_config} if plugin_config else {}
     waited = procs.wait_until_quiet(opts.quiet_wait)
     # The VM's bandwidth drifts within minutes: measure it right before and after the engine's job.
     before = procs.run_job("bandwidth", spec, dict(os.environ), logs / f"{engine}-bw-before.log", 600)
@@ -109,9 +115,9 @@ def run_engine(
     line = f"{offline['throughput']:.1f} tok/s, decode {offline['decode_tps']:.1f} tok/s"
     line += f" (read bandwidth {bandwidth[0]:.1f} / {bandwidth[1]:.1f} GB/s before / after)"
     line += f", start-up {offline['startup']:.1f} s, other load {offline['foreign_cores']:.2f} cores"
-    if not opts.no_server and engine != "hf":
+    if not opts.no_server and engine not in ("hf", "plugin-fp32"):  # the float32 plugin: throughput only
         waited = procs.wait_until_quiet(opts.quiet_wait)
-        args = server_args(w, opts.plugin_config if engine == "plugin" else None)
+        args = server_args(w, spec["dtype"], plugin_config)
         server = serve_and_stream(
             env,
             str(model),
@@ -190,8 +196,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="prompt lengths and token ids")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--engines", default="plugin,vllm-cpu,hf", help="comma-separated subset, in this order"
-    )
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="of every engine; with bfloat16 the plugin also runs in float32 (engine plugin-fp32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engines", help="comma-separated subset, in this order (default plugin,vllm-cpu,hf and, in "
+        "bfloat16, plugin-fp32)"
+    )  # fmt: skip
     parser.add_argument("--no-server", action="store_true", help="skip the streaming (TTFT/TPOT) runs")
     parser.add_argument(
         "--plugin-config", type=json.loads, help="JSON for the plugin's --additional-config, e.g. "
@@ -206,7 +217,8 @@ def main() -> None:
     parser.add_argument("--name", default="benchmark", help="file name stem of the results")
     args = parser.parse_args()
 
-    args.engines = engines = args.engines.split(",")
+    default_engines = "plugin,vllm-cpu,hf" + (",plugin-fp32" if args.dtype == "bfloat16" else "")
+    args.engines = engines = (args.engines or default_engines).split(",")
     unknown = set(engines) - set(report.ENGINES)
     if unknown:
         parser.error(f"unknown engines {sorted(unknown)}; choose from {list(report.ENGINES)}")
@@ -222,6 +234,7 @@ def main() -> None:
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]]),
         "machine": machine(),
+        "dtype": args.dtype,
         "workloads": {w.name: w.to_dict() for w in workloads},
         "model_config": model_geometry(model),
         "engines": engines,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 import torchrun_tp_script
@@ -122,6 +123,20 @@ def test_pin_is_refused_at_vllm_start_up(tiny_qwen2: Path, tmp_path: Path) -> No
         start(folder)
     with pytest.raises(ValueError, match="pinned_digest pins a folder made by `vllm-neuron-qwen2 compile`"):
         start(tiny_qwen2)
+
+
+def test_data_parallel_with_a_folder_of_another_tp_is_refused_at_start_up(
+    tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    folder = stand_in_servable(tiny_qwen2, tmp_path / "served")  # compiled for TP 1
+    args = EngineArgs(model=str(folder), data_parallel_size=2, tensor_parallel_size=2, enforce_eager=True)
+    problem = (
+        rf"tensor parallel size \(tp_degree\) 2 was requested, but the graphs in {folder} were compiled for 1"
+    )
+    with pytest.raises(ValueError, match=problem):
+        args.create_engine_config()
 
 
 def test_pin_holds_across_serving_a_real_compiled_folder(tiny_qwen2: Path, tmp_path: Path) -> None:
@@ -269,6 +284,21 @@ def test_data_parallel_2_serves_hf_greedy_tokens_on_both_ranks(tiny_qwen2: Path,
     threads = placement.threads_per_rank(len(os.sched_getaffinity(0)), 2)
     for rank in range(2):
         assert f"DP rank {rank}, TP rank 0: {threads} torch threads" in log.read_text()
+
+
+def test_a_dying_data_parallel_rank_stops_the_server_naming_it(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """No hanging server with half its engines gone: vLLM's engine monitor shuts it down."""
+    port, log = free_port(), tmp_path / "server.log"
+    args = [*serve_args(tiny_qwen2, port), "--data-parallel-size", "2", *SMALL_ENGINES, *ONE_API_SERVER]
+    with launched(log, *args, port=port) as srv:
+        [rank1] = [
+            p
+            for p in psutil.Process(srv.proc.pid).children(recursive=True)
+            if "EngineCore_DP1" in " ".join(p.cmdline())
+        ]
+        rank1.kill()
+        srv.proc.wait(timeout=60)  # raises TimeoutExpired if the server hangs on
+    assert re.search(r"EngineCore_DP1.* died", log.read_text()), log.read_text()[-3000:]
 
 
 # ------------------------------------------------------------------------------ data-parallel placement

@@ -16,6 +16,15 @@ from typing import Any
 
 import pytest
 import torch
+from bf16_errors import (
+    CHECKPOINTS,
+    PROMPTS,
+    RUNS,
+    assert_within_vllm_cpu,
+    sequences,
+    token_errors,
+    vllm_prompt_scores,
+)
 from structured_schemas import SCHEMA
 
 TOL = 2e-3
@@ -204,6 +213,39 @@ def test_tensor_parallel_2_matches_tp_1(default_llm: tuple[Any, Path]) -> None:
         assert [o.token_ids for o in generate(tp2, prompts, params)] == expected
     finally:
         shutdown(tp2)
+
+
+@pytest.mark.parametrize(("name", "tp"), RUNS)
+def test_bf16_stays_within_vllm_cpu_errors(make_checkpoint: Callable[..., Path], name: str, tp: int) -> None:
+    """--dtype bfloat16 against HF float32 on HF's greedy continuation (prompt logprobs), bounded by vLLM's
+    own CPU backend in bf16 on the same tokens (see bf16_errors.py)."""
+    from vllm import envs
+
+    envs.disable_envs_cache()  # as in the TP 2 test: the spawn default must reach the executor
+    model_dir = make_checkpoint(**CHECKPOINTS[name])
+    llm = make_llm(model_dir, dtype="bfloat16", tensor_parallel_size=tp, max_num_seqs=len(PROMPTS))
+    try:
+        forced = [{"prompt_token_ids": s} for s in sequences(model_dir)]
+        outputs = llm.generate(forced, sampling(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+        assert_within_vllm_cpu(name, tp, token_errors(model_dir, vllm_prompt_scores(outputs)))
+    finally:
+        shutdown(llm)
+
+
+def test_dtype_auto_keeps_a_bf16_checkpoint_in_bf16(make_checkpoint: Callable[..., Path]) -> None:
+    llm = make_llm(make_checkpoint(dtype="bfloat16"))  # float32 checkpoints stay float32: every other test
+    try:
+        assert llm.llm_engine.vllm_config.model_config.dtype == torch.bfloat16
+        assert (
+            len(
+                generate(llm, [{"prompt_token_ids": [1, 2, 3]}], sampling(max_tokens=3, ignore_eos=True))[
+                    0
+                ].token_ids
+            )
+            == 3
+        )
+    finally:
+        shutdown(llm)
 
 
 def test_seed_reproducible_across_batches_and_paths(default_llm: tuple[Any, Path]) -> None:
@@ -506,6 +548,7 @@ def test_bad_request_features_are_rejected(default_llm: tuple[Any, Path]) -> Non
         ({}, {"additional_config": {"neuron_config": {"prefill_lengths": [512]}}}, "prefill_lengths"),
         ({}, {"block_size": 24}, "--block-size"),
         ({}, {"num_gpu_blocks_override": 3}, "--num-gpu-blocks-override"),
+        ({}, {"dtype": "float16"}, "float16 is not supported on the cpu backend; use float32 or bfloat16"),
     ],
 )
 def test_startup_rejects_unsupported_configuration(

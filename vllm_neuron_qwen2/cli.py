@@ -61,6 +61,7 @@ def compile_servable(model_dir: str | Path, config: NeuronConfig, out: str | Pat
     for path in model_dir.iterdir():
         if path.suffix in MODEL_FILE_SUFFIXES and not path.name.endswith(".index.json"):
             shutil.copy2(path, tmp)
+    _set_checkpoint_dtype(tmp / "config.json", config.dtype)
     config.save(tmp)
     for rank in tqdm(range(config.tp_degree), desc="pre-sharding weights", unit="rank"):
         decoder = Qwen2Decoder(shape, config, TPGroup(rank=rank, size=config.tp_degree))
@@ -75,6 +76,14 @@ def compile_servable(model_dir: str | Path, config: NeuronConfig, out: str | Pat
         NeuronQwen2ForCausalLM.from_pretrained(tmp, config)
     artifacts.commit(tmp, out)
     return out
+
+
+def _set_checkpoint_dtype(path: Path, dtype: str) -> None:
+    """Record the compiled dtype as the checkpoint's, which is what vLLM's --dtype auto then picks."""
+    model_config = json.loads(path.read_text())
+    for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["dtype"]:
+        model_config[key] = dtype
+    path.write_text(json.dumps(model_config, indent=2) + "\n")
 
 
 def _compile_rank(rank: int, folder: Path, config: NeuronConfig, port: int) -> None:

@@ -159,6 +159,11 @@ class NeuronConfig:
         dtype = self.dtype or ("float32" if self.backend == "cpu" else "bfloat16")
         _require(dtype in DTYPES, "dtype", f"{dtype!r} is not one of {DTYPES}")
         _require(
+            not (self.backend == "cpu" and dtype == "float16"),
+            "dtype",
+            "float16 is not supported on the cpu backend; use float32 or bfloat16 (Neuron's dtype) (--dtype)",
+        )
+        _require(
             self.compile_mode in COMPILE_MODES,
             "compile_mode",
             f"{self.compile_mode!r} is not one of {COMPILE_MODES}",

@@ -25,6 +25,7 @@ import torch
 from .compile import artifacts
 from .compile.backend import build_graphs
 from .compile.buckets import Bucket, all_buckets, describe, smallest_fitting
+from .compile.cpu import has_bf16_units
 from .config import PREFILL_TILE, NeuronConfig, Qwen2Shape
 from .model.kv_cache import PADDING_BLOCK
 from .model.parallel import TPGroup
@@ -86,6 +87,11 @@ class NeuronQwen2ForCausalLM:
                 shape.num_hidden_layers, config.tp_degree, config.batch_size, config.seq_len,
                 config.num_blocks, config.block_size, config.dtype, config.backend, describe(buckets),
             )  # fmt: skip
+            if config.backend == "cpu" and config.dtype == "bfloat16" and not has_bf16_units():
+                logger.warning(
+                    "bfloat16 on a CPU without bfloat16 units (no AVX-512 BF16 or AMX): results are as exact "
+                    "as elsewhere, but steps run slower than in float32 (--dtype float32)"
+                )
         decoder = Qwen2Decoder(shape, config, tp)
         artifacts.load_weights(decoder, model_dir, progress=tp.rank == 0)
         decoder.eval()

@@ -224,8 +224,10 @@ class NeuronQwen2Platform(Platform):
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
-        # The first entry is what --dtype auto resolves to.
-        return [torch.bfloat16] if active_backend() == "neuron" else [torch.float32]
+        # vLLM's --dtype auto keeps the checkpoint's dtype when it is listed here, else takes the first
+        # entry (also for float32 checkpoints). On cpu float32 comes first: the backend exists to verify
+        # graphs against HF float32, so float32 checkpoints stay float32 and bfloat16 ones stay bfloat16.
+        return [torch.bfloat16] if active_backend() == "neuron" else [torch.float32, torch.bfloat16]
 
     @classmethod
     def import_kernels(cls) -> None:

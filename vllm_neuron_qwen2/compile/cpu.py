@@ -22,6 +22,11 @@ from .buckets import Bucket
 INDUCTOR_DIR = "inductor"
 
 
+def has_bf16_units() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without, oneDNN emulates it."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def build_cpu_graphs(
     decoder: Qwen2Decoder, config: NeuronConfig, buckets: list[Bucket], model_dir: Path
 ) -> dict[Bucket, Callable]:

@@ -140,7 +140,10 @@ class RowParallelLinear(ShardLinear):
         self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.linear(x))
+        partial = self.linear(x)
+        if self.tp.group is None:
+            return partial
+        return self.tp.all_reduce(partial.float()).to(partial.dtype)  # summed in float32, rounded once
 
 
 class VocabParallelEmbedding(nn.Module):

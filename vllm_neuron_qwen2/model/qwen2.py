@@ -2,6 +2,10 @@
 
 Semantics follow HF `modeling_qwen2.py`: RoPE (rotate-half), GQA, bias on q/k/v only, RMSNorm,
 SwiGLU MLP, optional tied embeddings. Shapes: B batch rows, L tokens, H hidden, D head_dim.
+
+Precision: weights, activations and the KV cache are in the model dtype (float32 or bfloat16). As in HF and
+on Neuron, RMSNorm statistics, RoPE angles, the attention scores and softmax, and the returned logits are
+float32.
 """
 
 from __future__ import annotations
@@ -68,16 +72,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """In float32, rounded once to the weight's dtype."""
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return (self.weight.float() * x32).to(self.weight.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """positions [B, L] -> cos, sin [B, 1, L, D] (computed in float32, as HF does)."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """positions [B, L] -> cos, sin [B, 1, L, D], float32."""
     freqs = positions.float()[..., None] * inv_freq  # [B, L, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,7 +118,8 @@ class Attention(nn.Module):
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        # RoPE in float32; q stays float32 into attention, k is rounded once for the KV cache
+        return apply_rope(q.float(), cos, sin), apply_rope(k.float(), cos, sin).to(k.dtype), v
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """attn [B, Hq, L, D] -> [B, L, H], summed over ranks."""
@@ -134,7 +140,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inner, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj((F.silu(gate.float()) * up.float()).to(x.dtype))  # rounded once
 
 
 class DecoderLayer(nn.Module):
@@ -204,7 +210,7 @@ class Qwen2Decoder(nn.Module):
         """
         d, n = decode_rows, input_ids.shape[0]
         tiles = (n - d) // PREFILL_TILE
-        cos, sin = rope_cos_sin(position_ids[None], self.inv_freq, self.embed_tokens.weight.dtype)
+        cos, sin = rope_cos_sin(position_ids[None], self.inv_freq)
         x = self.embed_tokens(input_ids[None])  # [1, N, H]
         context = torch.arange(block_tables.shape[1] * self.kv_cache.block_size, device=x.device)  # [C]
         decode_mask = (context[None, :] <= position_ids[:d, None])[:, None, None]  # [d, 1, 1, C]
@@ -231,4 +237,8 @@ class Qwen2Decoder(nn.Module):
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        """Scores and softmax in float32 whatever the model dtype; the result in the model dtype."""
+        out = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return out.to(v.dtype)
