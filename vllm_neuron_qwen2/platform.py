@@ -164,6 +164,29 @@ def _prepare_data_parallel_ranks(pc: ParallelConfig) -> None:
     os.environ[placement.HOST_RANKS_ENV] = str(max(1, pc.data_parallel_size_local) * pc.tensor_parallel_size)
 
 
+def _name_dead_engine_cores() -> None:
+    """vLLM shuts the server down when an engine core process dies, but only says "EngineCore encountered an
+    issue"; with data parallelism the operator needs to know which rank died. Log it."""
+    from vllm.v1.engine.utils import CoreEngineProcManager
+
+    watch = CoreEngineProcManager.monitor_engine_liveness
+    if getattr(watch, "names_dead_engines", False):  # already wrapped
+        return
+
+    def monitor_engine_liveness(self: CoreEngineProcManager) -> None:
+        watch(self)
+        for name, code in self.finished_procs().items():
+            if code != 0 and name == self.failed_proc_name:
+                logger.error(
+                    "vllm-neuron-qwen2: engine core process %s (data-parallel rank %s) died with exit code "
+                    "%s; the server shuts down",
+                    name, name.rpartition("_DP")[2] or 0, code,
+                )  # fmt: skip
+
+    monitor_engine_liveness.names_dead_engines = True
+    CoreEngineProcManager.monitor_engine_liveness = monitor_engine_liveness
+
+
 def _replace_parallel_check() -> None:
     """vLLM requires attention heads divisible by the TP degree; the Neuron decoder pads query heads and
     replicates KV heads instead (Qwen2-0.5B's 14 heads run on TP 4). Only pipeline parallelism is refused."""
@@ -280,6 +303,7 @@ class NeuronQwen2Platform(Platform):
     def pre_register_and_update(cls, parser: FlexibleArgumentParser | None = None) -> None:
         _replace_parallel_check()
         _replace_batch_defaults()
+        _name_dead_engine_cores()
         # vLLM 0.32 removed --device; accept the historical `--device neuron` (the platform is the selection).
         if parser is not None and not any("--device" in a.option_strings for a in parser._actions):
             parser.add_argument(
