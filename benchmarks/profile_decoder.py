@@ -2,6 +2,7 @@
 outside vLLM (so that the difference to the benchmark's decode rate is engine overhead).
 
 python -m benchmarks.profile_decoder [--layers 8] [--batch 8] [--context 160] [--prompt 128] [--repeats 20]
+                                     [--dtype float32|bfloat16]
 
 The model is built as the benchmark's vLLM engine builds it (batch_size = max_num_seqs, seq_len =
 max_model_len, default buckets, in-graph greedy sampling), from the same cached checkpoint.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.limits import FLOAT32, decode_step_bytes, measure
+from benchmarks.limits import decode_step_bytes, measure
 from benchmarks.workload import checkpoint, model_geometry
 
 HERE = Path(__file__).resolve().parent
@@ -72,7 +73,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--work-dir", type=Path, default=HERE / "work")
     parser.add_argument("--compile-mode", default="eager", choices=["eager", "compiled"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
 
     from vllm_neuron_qwen2.config import NeuronConfig
     from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM
@@ -82,6 +85,7 @@ def main() -> None:
         batch_size=args.batch,
         seq_len=args.max_model_len,
         compile_mode=args.compile_mode,
+        dtype=args.dtype,
         compiled_artifacts=str(args.work_dir.resolve() / "cache" / "profile"),
     )
     model = NeuronQwen2ForCausalLM.from_pretrained(model_dir, config)
@@ -96,11 +100,12 @@ def main() -> None:
 
     limits = measure()
     hf = model_geometry(model_dir)
-    step = decode_step_bytes(hf, args.batch, args.context + 1)
+    step = decode_step_bytes(hf, args.batch, args.context + 1, dtype.itemsize)
     decode_s, prefill_s = timed(decode, args.repeats), timed(prefill, args.repeats)
     bound_s = step["total"] / (limits["read_gbps"] * 1e9)
     print(
-        f"read bandwidth {limits['read_gbps']:.1f} GB/s, matmul {limits['matmul_gflops']:.0f} GFLOP/s\n"
+        f"{args.dtype}; read bandwidth {limits['read_gbps']:.1f} GB/s, float32 matmul "
+        f"{limits['matmul_gflops']:.0f} GFLOP/s\n"
         f"decode {args.batch} rows at position {args.context}: {decode_s * 1e3:.1f} ms/step = "
         f"{args.batch / decode_s:.0f} tok/s; bandwidth bound {bound_s * 1e3:.1f} ms/step "
         f"({step['total'] / 1e6:.0f} MB) -> {100 * bound_s / decode_s:.0f}% of bound\n"
@@ -119,9 +124,9 @@ def main() -> None:
     }
     with torch.inference_mode():
         for name, (module, features, elements) in parts.items():
-            x = torch.rand(args.batch, 1, features)
+            x = torch.rand(args.batch, 1, features, dtype=dtype)
             seconds = timed(lambda m=module, x=x: m(x), args.repeats)
-            gbps = elements * FLOAT32 / seconds / 1e9
+            gbps = elements * dtype.itemsize / seconds / 1e9
             print(f"{name} alone: {seconds * 1e3:.2f} ms = {gbps:.1f} GB/s of weights")
 
     for label, fn, total in (("decode", decode, decode_s), ("prefill", prefill, prefill_s)):
