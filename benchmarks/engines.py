@@ -26,6 +26,13 @@ EXPECTED_PLATFORM = {
     "vllm-cpu": "CpuPlatform",
 }
 PLUGIN_ENGINES = ("plugin", "plugin-fp32")  # the second: the plugin in float32 beside a bfloat16 run
+
+
+def engine_dtype(engine: str, dtype: str) -> str:
+    """The dtype `engine` runs in when the benchmark runs in `dtype`."""
+    return "float32" if engine == "plugin-fp32" else dtype
+
+
 # vLLM's counters of prompt tokens looked up in its prefix cache and of those found (LLM.get_metrics() names)
 PREFIX_CACHE_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 

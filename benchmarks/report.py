@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.engines import engine_dtype
 from benchmarks.limits import decode_bound, decode_step_bytes
 from benchmarks.workload import DECODE_SHORT, Workload
 
@@ -68,7 +69,7 @@ def _summarize_workload(
     dtype = raw.get("dtype", "float32")
 
     def step_bytes(engine: str) -> dict[str, float]:
-        itemsize = ITEMSIZE["float32" if engine == "plugin-fp32" else dtype]
+        itemsize = ITEMSIZE[engine_dtype(engine, dtype)]
         return decode_step_bytes(raw["model_config"], len(probe), context, itemsize)
 
     step = step_bytes("plugin")

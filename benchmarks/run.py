@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import procs, report
-from benchmarks.engines import PLUGIN_ENGINES
+from benchmarks.engines import PLUGIN_ENGINES, engine_dtype
 from benchmarks.serving import serve_and_stream
 from benchmarks.workload import WORKLOADS, Workload, checkpoint, model_geometry, warmup_prompts
 
@@ -81,10 +81,6 @@ def machine() -> dict[str, Any]:
 def _git(*args: str) -> str:
     done = subprocess.run(["git", *args], cwd=procs.ROOT, capture_output=True, text=True)
     return done.stdout.strip()
-
-
-def engine_dtype(engine: str, dtype: str) -> str:
-    return "float32" if engine == "plugin-fp32" else dtype
 
 
 def server_args(w: Workload, dtype: str, extra: dict[str, Any] | None) -> list[str]:

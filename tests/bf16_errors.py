@@ -14,6 +14,7 @@ tests/bf16_errors.py MODEL_DIR OUT`), it runs `standalone_forced` on N ranks and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -47,6 +48,7 @@ KNOWN_MISSES = {("heads14_kv2 tp2", "logprob", "worst"): 1.40}
 Scores = list[list[tuple[int, float]]]
 
 
+@functools.cache  # the reference of both `sequences` and `token_errors`
 def hf_logits(model_dir: Path) -> list[torch.Tensor]:
     """HF float32's logits [OUTPUT_TOKENS, V] at the forced positions of each prompt (the positions that
     predict its continuation)."""

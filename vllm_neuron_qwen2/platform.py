@@ -175,13 +175,13 @@ def _name_dead_engine_cores() -> None:
 
     def monitor_engine_liveness(self: CoreEngineProcManager) -> None:
         watch(self)
-        for name, code in self.finished_procs().items():
-            if code != 0 and name == self.failed_proc_name:
-                logger.error(
-                    "vllm-neuron-qwen2: engine core process %s (data-parallel rank %s) died with exit code "
-                    "%s; the server shuts down",
-                    name, name.rpartition("_DP")[2] or 0, code,
-                )  # fmt: skip
+        name = self.failed_proc_name  # set by vLLM for a process that exited with an error
+        if name is not None:
+            logger.error(
+                "vllm-neuron-qwen2: engine core process %s (data-parallel rank %s) died with exit code %s; "
+                "the server shuts down",
+                name, name.rpartition("_DP")[2] or 0, self.finished_procs().get(name),
+            )  # fmt: skip
 
     monitor_engine_liveness.names_dead_engines = True
     CoreEngineProcManager.monitor_engine_liveness = monitor_engine_liveness

@@ -3,9 +3,10 @@
 Semantics follow HF `modeling_qwen2.py`: RoPE (rotate-half), GQA, bias on q/k/v only, RMSNorm,
 SwiGLU MLP, optional tied embeddings. Shapes: B batch rows, L tokens, H hidden, D head_dim.
 
-Precision: weights, activations and the KV cache are in the model dtype (float32 or bfloat16). As in HF and
-on Neuron, RMSNorm statistics, RoPE angles, the attention scores and softmax, and the returned logits are
-float32.
+Precision: weights, activations and the KV cache are in the model dtype (float32 or bfloat16). In float32,
+rounded once to the model dtype: RMSNorm (statistics and weight), SwiGLU's silu(gate) * up, RoPE (angles and
+rotation; queries stay float32 into attention), attention scores and softmax, the TP partial sums of the
+row-parallel layers; the returned logits are float32.
 """
 
 from __future__ import annotations
