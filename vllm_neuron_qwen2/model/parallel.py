@@ -140,10 +140,10 @@ class RowParallelLinear(ShardLinear):
         self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = self.linear(x)
-        if self.tp.group is None:
-            return partial
-        return self.tp.all_reduce(partial.float()).to(partial.dtype)  # summed in float32, rounded once
+        """-> the sum over ranks in float32 (the residual stream's dtype): each rank's partial product is
+        rounded once to the weight's dtype, as one rank's whole product would be; the sum is not rounded."""
+        partial = self.linear(x).float()
+        return partial if self.tp.group is None else self.tp.all_reduce(partial)
 
 
 class VocabParallelEmbedding(nn.Module):

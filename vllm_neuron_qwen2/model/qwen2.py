@@ -3,10 +3,11 @@
 Semantics follow HF `modeling_qwen2.py`: RoPE (rotate-half), GQA, bias on q/k/v only, RMSNorm,
 SwiGLU MLP, optional tied embeddings. Shapes: B batch rows, L tokens, H hidden, D head_dim.
 
-Precision: weights, activations and the KV cache are in the model dtype (float32 or bfloat16). In float32,
-rounded once to the model dtype: RMSNorm (statistics and weight), SwiGLU's silu(gate) * up, RoPE (angles and
-rotation; queries stay float32 into attention), attention scores and softmax, the TP partial sums of the
-row-parallel layers; the returned logits are float32.
+Precision: weights, the KV cache and the inputs of every linear layer are in the model dtype (float32 or
+bfloat16). In float32: the residual stream (the embeddings and each layer's row-parallel output, summed over
+TP ranks, are added to it unrounded); RMSNorm (statistics and weight), SwiGLU's silu(gate) * up and RoPE
+(angles and rotation; queries stay float32 into attention), each rounded once to the model dtype; attention
+scores and softmax; the returned logits.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ class Qwen2Decoder(nn.Module):
         d, n = decode_rows, input_ids.shape[0]
         tiles = (n - d) // PREFILL_TILE
         cos, sin = rope_cos_sin(position_ids[None], self.inv_freq)
-        x = self.embed_tokens(input_ids[None])  # [1, N, H]
+        x = self.embed_tokens(input_ids[None]).float()  # [1, N, H], the residual stream: float32
         context = torch.arange(block_tables.shape[1] * self.kv_cache.block_size, device=x.device)  # [C]
         decode_mask = (context[None, :] <= position_ids[:d, None])[:, None, None]  # [d, 1, 1, C]
         tile_positions = position_ids[d:].view(tiles, PREFILL_TILE)
