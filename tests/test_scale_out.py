@@ -176,15 +176,16 @@ def test_pin_holds_across_serving_a_real_compiled_folder(tiny_qwen2: Path, tmp_p
 
 
 @contextlib.contextmanager
-def launched(log_path: Path, *args: str, port: int | None = None) -> Iterator[Server | None]:
-    """`vllm-neuron-qwen2 serve ARGS` in its own process group; with `port`, waits until it is healthy.
+def launched(log_path: Path, *args: str, port: int | None = None, **env: str) -> Iterator[Server | None]:
+    """`vllm-neuron-qwen2 serve ARGS` in its own process group, with `env` added to the server's environment;
+    with `port`, waits until it is healthy.
 
     Stopped with Ctrl-C (then killed) at the end, so no test leaves a server behind.
     """
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [str(LAUNCHER), "serve", *args],
-            env=server_env(),
+            env=server_env(**env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -379,3 +380,72 @@ def test_two_host_data_parallel_through_the_launcher(tiny_qwen2: Path, tmp_path:
     assert sorted(per_engine) == ["0", "1"] and all(n > 0 for n in per_engine.values()), per_engine
     assert "DP rank 1, TP rank 0:" in (tmp_path / "headless.log").read_text()
     assert "DP rank 0, TP rank 0:" in (tmp_path / "front.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+
+def test_tensor_parallel_2_over_ray_gives_the_tokens_of_tp_1(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """One Ray actor per TP rank, on a Ray cluster the platform starts with a stand-in NeuronCore per CPU."""
+    port, log = free_port(), tmp_path / "server.log"
+    ray_tp = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
+    args = [*serve_args(tiny_qwen2, port), *ray_tp, *SMALL_ENGINES]
+    with launched(log, *args, port=port, RAY_DEDUP_LOGS="0") as srv:
+        tokens = concurrent_greedy(srv, PROMPTS)
+    assert tokens == hf_greedy(tiny_qwen2, PROMPTS)  # = TP 1's (test_serve_launcher_runs_vllm_serve)
+    rank_of_actor = dict(
+        re.findall(r"\(RayWorkerProc pid=(\d+)\).* DP rank 0, TP rank (\d):", log.read_text())
+    )
+    assert sorted(rank_of_actor.values()) == ["0", "1"], rank_of_actor  # two actors, one per rank
+
+
+def test_data_parallel_2_over_ray_serves_on_both_ranks(tiny_qwen2: Path, tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "server.log"
+    ray_dp = ["--data-parallel-size", "2", "--data-parallel-backend", "ray"]
+    with launched(
+        log, *serve_args(tiny_qwen2, port), *ray_dp, *SMALL_ENGINES, *ONE_API_SERVER, port=port
+    ) as srv:
+        tokens = concurrent_greedy(srv, PROMPTS)
+        per_engine = requests_per_engine(srv)
+    assert tokens == hf_greedy(tiny_qwen2, PROMPTS)
+    assert sorted(per_engine) == ["0", "1"] and all(n > 0 for n in per_engine.values()), per_engine
+
+
+def test_a_ray_cluster_without_neuron_cores_is_refused_at_start_up(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """vLLM alone would wait half an hour for the placement group."""
+    ray = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "2"]
+    gcs_port, no_token = free_port(), {"RAY_AUTH_MODE": "disabled"}  # one cluster, no shared secret
+    subprocess.run(
+        [*ray, "--port", str(gcs_port), "--disable-usage-stats"],
+        check=True, capture_output=True, env=os.environ | no_token,
+    )  # fmt: skip
+    try:
+        log = tmp_path / "server.log"
+        ray_tp = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
+        with launched(
+            log,
+            *serve_args(tiny_qwen2, free_port()),
+            *ray_tp,
+            RAY_ADDRESS=f"127.0.0.1:{gcs_port}",
+            **no_token,
+        ):
+            deadline = time.monotonic() + 180
+            while "which has 0" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(1)
+        refusal = "--distributed-executor-backend ray with TP 2 needs 2 neuron_cores in the Ray cluster"
+        assert f"{refusal}, which has 0" in log.read_text(), log.read_text()[-3000:]
+    finally:
+        subprocess.run([ray[0], "stop", "--force"], capture_output=True)
+
+
+def test_tensor_parallel_over_ray_is_refused_on_neuron(
+    tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("VLLM_NEURON_QWEN2_BACKEND", "neuron")
+    args = EngineArgs(
+        model=str(tiny_qwen2), tensor_parallel_size=2, distributed_executor_backend="ray", enforce_eager=True
+    )
+    with pytest.raises(ValueError, match="ray with --tensor-parallel-size 2: on Neuron one process drives"):
+        args.create_engine_config()

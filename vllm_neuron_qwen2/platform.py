@@ -150,6 +150,13 @@ def _reject_unsupported(vllm_config: VllmConfig) -> None:
         raise ValueError(
             f"--quantization {mc.quantization}: quantization is not supported by vllm-neuron-qwen2"
         )
+    pc = vllm_config.parallel_config
+    if pc.use_ray and active_backend() == "neuron" and pc.tensor_parallel_size > 1:
+        raise ValueError(
+            f"--distributed-executor-backend ray with --tensor-parallel-size {pc.tensor_parallel_size}: on "
+            "Neuron one process drives all of a replica's NeuronCores, while Ray starts one actor per TP "
+            "rank. Use Ray for TP 1 replicas (--data-parallel-backend ray), and TP with the default executor."
+        )
     if vllm_config.cache_config.cache_dtype != "auto":
         raise ValueError(
             "--kv-cache-dtype: the Neuron decoder keeps its KV cache in the model dtype; use 'auto'"
@@ -162,6 +169,19 @@ def _prepare_data_parallel_ranks(pc: ParallelConfig) -> None:
     if active_backend() == "neuron":
         placement.check_core_budget(pc.data_parallel_size_local, pc.tensor_parallel_size)
     os.environ[placement.HOST_RANKS_ENV] = str(max(1, pc.data_parallel_size_local) * pc.tensor_parallel_size)
+
+
+def _prepare_ray(pc: ParallelConfig) -> None:
+    """--distributed-executor-backend ray (or --data-parallel-backend ray, which implies it): vLLM's Ray
+    executor, on a cluster checked for NeuronCores before vLLM waits for them (ray_executor.py)."""
+    from .ray_executor import NeuronRayExecutor, join_ray_cluster
+
+    if pc.data_parallel_backend == "ray":  # vLLM's front end places the DP ranks' actors next
+        join_ray_cluster(
+            pc, pc.world_size * pc.data_parallel_size,
+            f"--data-parallel-backend ray with DP {pc.data_parallel_size} x TP {pc.world_size}",
+        )  # fmt: skip
+    pc.distributed_executor_backend = NeuronRayExecutor
 
 
 def _name_dead_engine_cores() -> None:
@@ -180,7 +200,7 @@ def _name_dead_engine_cores() -> None:
             logger.error(
                 "vllm-neuron-qwen2: engine core process %s (data-parallel rank %s) died with exit code %s; "
                 "the server shuts down",
-                name, name.rpartition("_DP")[2] or 0, self.finished_procs().get(name),
+                name, name.partition("_DP")[2] or 0, self.finished_procs().get(name),
             )  # fmt: skip
 
     monitor_engine_liveness.names_dead_engines = True
@@ -238,8 +258,12 @@ class NeuronQwen2Platform(Platform):
     device_type: str = "cpu"
     dispatch_key: str = "CPU"
     dist_backend: str = "gloo"
+    # Ray schedules workers on NeuronCores and leaves NEURON_RT_VISIBLE_CORES to the worker (placement.py).
     ray_device_key: str = "neuron_cores"
+    ray_noset_device_env_vars: list[str] = ["RAY_EXPERIMENTAL_NOSET_NEURON_RT_VISIBLE_CORES"]
     device_control_env_var: str = "NEURON_RT_VISIBLE_CORES"
+    # Copied to Ray workers beside VLLM_*: the default graph folder (artifacts.ENV_FOLDER).
+    additional_env_vars: list[str] = ["NEURON_COMPILED_ARTIFACTS"]
     simple_compile_backend: str = "eager"
 
     # Set by check_and_update_config in the front-end process, read by validate_request there.
@@ -346,7 +370,9 @@ class NeuronQwen2Platform(Platform):
         # Forking a process whose OpenMP pool is already running (any torch op before LLM(...)) deadlocks
         # the child's first parallel op; the engine core and the TP ranks are therefore spawned.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        if active_backend() == "cpu" and pc.tensor_parallel_size > 1:
+        if pc.use_ray:
+            _prepare_ray(pc)
+        elif active_backend() == "cpu" and pc.tensor_parallel_size > 1:
             pc.distributed_executor_backend = "mp"  # one gloo rank per shard
         else:
             pc.distributed_executor_backend = "uni"  # on Neuron, TP lives inside the runtime

@@ -35,7 +35,7 @@ class NeuronQwen2Worker(WorkerBase):
         placed = placement.place_this_rank(pc, active_backend())
         logger.info("DP rank %d, TP rank %d: %s", pc.data_parallel_index, self.rank, placed)
         # The cpu backend runs one process per TP rank (gloo); on Neuron the runtime spans the cores itself.
-        world = pc.world_size if pc.distributed_executor_backend == "mp" else 1
+        world = pc.world_size if active_backend() == "cpu" else 1
         init_distributed_environment(
             world_size=world,
             rank=self.rank,
