@@ -392,7 +392,7 @@ def test_tensor_parallel_2_over_ray_gives_the_tokens_of_tp_1(tiny_qwen2: Path, t
     args = [*serve_args(tiny_qwen2, port), *ray_tp, *SMALL_ENGINES]
     with launched(log, *args, port=port, RAY_DEDUP_LOGS="0") as srv:
         tokens = concurrent_greedy(srv, PROMPTS)
-    assert tokens == hf_greedy(tiny_qwen2, PROMPTS)  # = TP 1's (test_serve_launcher_runs_vllm_serve)
+    assert tokens == hf_greedy(tiny_qwen2, PROMPTS)  # which TP 1 engines serve (the DP 2 test above)
     rank_of_actor = dict(
         re.findall(r"\(RayWorkerProc pid=(\d+)\).* DP rank 0, TP rank (\d):", log.read_text())
     )
