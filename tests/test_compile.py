@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -302,9 +303,12 @@ def test_compile_kill_serve_corrupt(
     while not list(tmp_path.glob("served.tmp-*/graphs.tmp-*/inductor")) and time.monotonic() < deadline:
         assert killed.poll() is None, "the compile ended before it could be killed"
         time.sleep(0.2)
+    ranks = psutil.Process(killed.pid).children(recursive=True)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not out.exists() and list(tmp_path.glob("served.tmp-*"))
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert ranks and not alive, "the compile's rank processes end with it"
 
     # The next compile completes the folder (and clears the leftovers).
     cli.main(args)

@@ -9,11 +9,13 @@ vllm-neuron-qwen2 serve DIR [any vllm serve option] # `vllm serve` where the vll
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -71,7 +73,8 @@ def compile_servable(model_dir: str | Path, config: NeuronConfig, out: str | Pat
     if config.backend == "cpu":
         # In fresh processes: inductor keeps paths of kernels this process built before, and would leave
         # them out of the new folder.
-        torch.multiprocessing.spawn(_compile_rank, (tmp, config, _free_port()), nprocs=config.tp_degree)
+        args = (tmp, config, _free_port(), os.getpid())
+        torch.multiprocessing.spawn(_compile_rank, args, nprocs=config.tp_degree)
     else:
         NeuronQwen2ForCausalLM.from_pretrained(tmp, config)
     artifacts.commit(tmp, out)
@@ -86,7 +89,8 @@ def _set_checkpoint_dtype(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(model_config, indent=2) + "\n")
 
 
-def _compile_rank(rank: int, folder: Path, config: NeuronConfig, port: int) -> None:
+def _compile_rank(rank: int, folder: Path, config: NeuronConfig, port: int, parent: int) -> None:
+    _die_with(parent)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tp_degree))  # ranks share the cores
     dist.init_process_group(
@@ -96,6 +100,15 @@ def _compile_rank(rank: int, folder: Path, config: NeuronConfig, port: int) -> N
         NeuronQwen2ForCausalLM.from_pretrained(folder, config)
     finally:
         dist.destroy_process_group()
+
+
+def _die_with(parent: int) -> None:
+    """A compile killed outright must not leave its rank processes writing into the folder it abandoned,
+    which the next compile removes: the kernel kills this process as soon as its parent dies (Linux)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl
+        os._exit(1)
 
 
 def _free_port() -> int:
