@@ -26,9 +26,9 @@ from benchmarks import procs, report
 from benchmarks.engines import PLUGIN_ENGINES, engine_dtype
 from benchmarks.serving import serve_and_stream
 from benchmarks.workload import WORKLOADS, Workload, checkpoint, model_geometry, warmup_prompts
+from vllm_neuron_qwen2 import ARTIFACTS_ENV, BACKEND_ENV
 
 HERE = Path(__file__).resolve().parent
-BACKEND_ENV = "VLLM_NEURON_QWEN2_BACKEND"
 OFFLINE_TIMEOUT = 3600.0
 
 
@@ -44,7 +44,7 @@ def engine_env(engine: str, cache: Path) -> dict[str, str]:
     )
     if engine in PLUGIN_ENGINES:
         env[BACKEND_ENV] = "cpu"
-        env["NEURON_COMPILED_ARTIFACTS"] = str(cache / "artifacts")
+        env[ARTIFACTS_ENV] = str(cache / "artifacts")
     elif engine == "vllm-cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; its default sizing wants more RAM than this box has free
         # vLLM CPU reserves one of the two cores for its front end by default; give its model both, as the

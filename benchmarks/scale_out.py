@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks import procs
 from benchmarks.run import engine_env, machine, server_args
 from benchmarks.serving import serve_and_stream
@@ -33,19 +35,17 @@ LAYOUTS = {
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Medians over rounds of one layout's throughput, TTFT and TPOT (p50 and p99 within each round)."""
-
-    def pct(values: list[float], q: float) -> float:
-        return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+    """Medians over rounds of one layout's throughput, TTFT and TPOT (percentiles within each round, as
+    benchmarks.report computes them)."""
 
     def median_of(pick: Any) -> float:
-        return statistics.median(pick(r) for r in runs)
+        return statistics.median(float(pick(r)) for r in runs)
 
     return {
         "throughput": median_of(lambda r: r["throughput"]),
-        "ttft_p50": median_of(lambda r: pct(r["ttft"], 0.5)),
-        "ttft_p99": median_of(lambda r: pct(r["ttft"], 0.99)),
-        "tpot_p50_ms": 1e3 * median_of(lambda r: pct(r["tpot"], 0.5)),
+        "ttft_p50": median_of(lambda r: np.percentile(r["ttft"], 50)),
+        "ttft_p99": median_of(lambda r: np.percentile(r["ttft"], 99)),
+        "tpot_p50_ms": 1e3 * median_of(lambda r: np.percentile(r["tpot"], 50)),
         "startup": median_of(lambda r: r["startup"]),
     }
 

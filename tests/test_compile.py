@@ -47,7 +47,7 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Default artifact folders under tmp_path, never in ~/.cache."""
     root = tmp_path / "cache"
     monkeypatch.setattr(artifacts, "cache_root", lambda: root)
-    monkeypatch.delenv(artifacts.ENV_FOLDER, raising=False)
+    monkeypatch.delenv(artifacts.ARTIFACTS_ENV, raising=False)
     return root
 
 
@@ -102,7 +102,7 @@ def test_key_covers_what_changes_the_graphs(tiny_qwen2: Path, monkeypatch: pytes
 def test_graph_folder_location(tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = resolved(tiny_qwen2)
     assert artifacts.graph_folder(config, tiny_qwen2, "k1") == artifacts.cache_root() / "k1"
-    monkeypatch.setenv(artifacts.ENV_FOLDER, str(tmp_path / "env"))
+    monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path / "env"))
     assert artifacts.graph_folder(config, tiny_qwen2, "k1") == tmp_path / "env"
     explicit = resolved(tiny_qwen2, compiled_artifacts=str(tmp_path / "explicit"))
     assert artifacts.graph_folder(explicit, tiny_qwen2, "k1") == tmp_path / "explicit"

@@ -384,12 +384,13 @@ def test_two_host_data_parallel_through_the_launcher(tiny_qwen2: Path, tmp_path:
 
 # ------------------------------------------------------------------------------------------------ Ray
 
+RAY_TP2 = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
+
 
 def test_tensor_parallel_2_over_ray_gives_the_tokens_of_tp_1(tiny_qwen2: Path, tmp_path: Path) -> None:
     """One Ray actor per TP rank, on a Ray cluster the platform starts with a stand-in NeuronCore per CPU."""
     port, log = free_port(), tmp_path / "server.log"
-    ray_tp = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
-    args = [*serve_args(tiny_qwen2, port), *ray_tp, *SMALL_ENGINES]
+    args = [*serve_args(tiny_qwen2, port), *RAY_TP2, *SMALL_ENGINES]
     with launched(log, *args, port=port, RAY_DEDUP_LOGS="0") as srv:
         tokens = concurrent_greedy(srv, PROMPTS)
     assert tokens == hf_greedy(tiny_qwen2, PROMPTS)  # which TP 1 engines serve (the DP 2 test above)
@@ -421,11 +422,10 @@ def test_a_ray_cluster_without_neuron_cores_is_refused_at_start_up(tiny_qwen2: P
     )  # fmt: skip
     try:
         log = tmp_path / "server.log"
-        ray_tp = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
         with launched(
             log,
             *serve_args(tiny_qwen2, free_port()),
-            *ray_tp,
+            *RAY_TP2,
             RAY_ADDRESS=f"127.0.0.1:{gcs_port}",
             **no_token,
         ):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["NeuronConfig", "NeuronQwen2ForCausalLM", "active_backend", "register", "register_models"]
 
 BACKEND_ENV = "VLLM_NEURON_QWEN2_BACKEND"
+ARTIFACTS_ENV = "NEURON_COMPILED_ARTIFACTS"  # the default compiled-graph folder (compile/artifacts.py)
 BACKENDS = ("cpu", "neuron")
 
 _LAZY_EXPORTS = {"NeuronConfig": ".config", "NeuronQwen2ForCausalLM": ".modeling"}

@@ -12,7 +12,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from . import BACKEND_ENV, active_backend, placement
+from . import ARTIFACTS_ENV, BACKEND_ENV, active_backend, placement
 from .config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 if TYPE_CHECKING:
@@ -260,10 +260,9 @@ class NeuronQwen2Platform(Platform):
     dist_backend: str = "gloo"
     # Ray schedules workers on NeuronCores and leaves NEURON_RT_VISIBLE_CORES to the worker (placement.py).
     ray_device_key: str = "neuron_cores"
-    ray_noset_device_env_vars: list[str] = ["RAY_EXPERIMENTAL_NOSET_NEURON_RT_VISIBLE_CORES"]
-    device_control_env_var: str = "NEURON_RT_VISIBLE_CORES"
-    # Copied to Ray workers beside VLLM_*: the default graph folder (artifacts.ENV_FOLDER).
-    additional_env_vars: list[str] = ["NEURON_COMPILED_ARTIFACTS"]
+    ray_noset_device_env_vars: list[str] = [f"RAY_EXPERIMENTAL_NOSET_{placement.VISIBLE_CORES_ENV}"]
+    device_control_env_var: str = placement.VISIBLE_CORES_ENV
+    additional_env_vars: list[str] = [ARTIFACTS_ENV]  # copied to Ray workers beside VLLM_*
     simple_compile_backend: str = "eager"
 
     # Set by check_and_update_config in the front-end process, read by validate_request there.

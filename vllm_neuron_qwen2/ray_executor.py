@@ -16,6 +16,7 @@ from vllm.utils.torch_utils import available_cpu_count
 
 from . import active_backend
 from .config import ConfigError
+from .platform import NeuronQwen2Platform
 
 try:
     import ray
@@ -28,7 +29,7 @@ except ImportError as e:
 if TYPE_CHECKING:
     from vllm.config import ParallelConfig
 
-NEURON_CORES = "neuron_cores"
+NEURON_CORES = NeuronQwen2Platform.ray_device_key
 
 
 def join_ray_cluster(parallel_config: ParallelConfig, needed_cores: int, asked_by: str) -> None:

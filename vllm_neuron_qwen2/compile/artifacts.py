@@ -35,6 +35,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import ARTIFACTS_ENV
 from ..config import BUCKET_FIELDS, NEURON_CONFIG_FILE, ConfigError, NeuronConfig, Qwen2Shape
 from ..model.checkpoint import load_checkpoint
 from ..model.parallel import TPGroup
@@ -42,7 +43,6 @@ from ..model.qwen2 import Qwen2Decoder
 
 logger = logging.getLogger(__name__)
 
-ENV_FOLDER = "NEURON_COMPILED_ARTIFACTS"
 MANIFEST_FILE = "manifest.json"
 GRAPHS_DIR = "graphs"
 WEIGHTS_DIR = "weights"
@@ -100,7 +100,7 @@ def graph_folder(config: NeuronConfig, model_dir: str | Path, key: str) -> Path:
     the per-key default `~/.cache/vllm-neuron-qwen2/<key>`."""
     if is_servable(model_dir):
         return Path(model_dir) / GRAPHS_DIR
-    explicit = config.compiled_artifacts or os.environ.get(ENV_FOLDER)
+    explicit = config.compiled_artifacts or os.environ.get(ARTIFACTS_ENV)
     return Path(explicit).expanduser().resolve() if explicit else cache_root() / key
 
 
