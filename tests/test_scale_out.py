@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -330,6 +331,13 @@ def test_neuron_cores_and_threads_per_data_parallel_rank(monkeypatch: pytest.Mon
     with pytest.raises(ConfigError, match=r"3 data-parallel .* --tensor-parallel-size 3 need 9 .* grants 6"):
         placement.check_core_budget(3, 3)
 
+    ray_rank_0 = SimpleNamespace(use_ray=True, tensor_parallel_size=2, assigned_physical_gpu_ids=[4, 5])
+    placement.place_this_rank(ray_rank_0, "neuron")
+    assert os.environ[placement.VISIBLE_CORES_ENV] == "4-5", "Ray's reservations for both TP ranks"
+    ray_rank_0.assigned_physical_gpu_ids = [3]
+    with pytest.raises(ConfigError, match=r"TP rank 0 drives .* reserved only 1 of them on its host \(3\)"):
+        placement.place_this_rank(ray_rank_0, "neuron")
+
     assert placement.threads_per_rank(host_cpus=8, host_ranks=2 * 2) == 2
     assert placement.threads_per_rank(host_cpus=2, host_ranks=2) == 1
     assert placement.threads_per_rank(host_cpus=2, host_ranks=3) == 1, "never zero"
@@ -412,40 +420,59 @@ def test_data_parallel_2_over_ray_serves_on_both_ranks(tiny_qwen2: Path, tmp_pat
     assert sorted(per_engine) == ["0", "1"] and all(n > 0 for n in per_engine.values()), per_engine
 
 
-def test_a_ray_cluster_without_neuron_cores_is_refused_at_start_up(tiny_qwen2: Path, tmp_path: Path) -> None:
-    """vLLM alone would wait half an hour for the placement group."""
+@contextlib.contextmanager
+def ray_cluster(*start_args: str, **env: str) -> Iterator[dict[str, str]]:
+    """A `ray start --head` cluster for the test; yields the environment that joins it."""
     ray = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "2"]
     gcs_port, no_token = free_port(), {"RAY_AUTH_MODE": "disabled"}  # one cluster, no shared secret
     subprocess.run(
-        [*ray, "--port", str(gcs_port), "--disable-usage-stats"],
-        check=True, capture_output=True, env=os.environ | no_token,
+        [*ray, "--port", str(gcs_port), "--disable-usage-stats", *start_args],
+        check=True, capture_output=True, env=os.environ | no_token | env,
     )  # fmt: skip
     try:
-        log = tmp_path / "server.log"
-        with launched(
-            log,
-            *serve_args(tiny_qwen2, free_port()),
-            *RAY_TP2,
-            RAY_ADDRESS=f"127.0.0.1:{gcs_port}",
-            **no_token,
-        ):
-            deadline = time.monotonic() + 180
-            while "which has 0" not in log.read_text() and time.monotonic() < deadline:
-                time.sleep(1)
-        refusal = "--distributed-executor-backend ray with TP 2 needs 2 neuron_cores in the Ray cluster"
-        assert f"{refusal}, which has 0" in log.read_text(), log.read_text()[-3000:]
+        yield {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}", **no_token}
     finally:
         subprocess.run([ray[0], "stop", "--force"], capture_output=True)
 
 
-def test_tensor_parallel_over_ray_is_refused_on_neuron(
-    tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from vllm.engine.arg_utils import EngineArgs
+def test_a_ray_cluster_without_neuron_cores_is_refused_at_start_up(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """vLLM alone would wait half an hour for the placement group."""
+    log = tmp_path / "server.log"
+    with ray_cluster() as joining, launched(log, *serve_args(tiny_qwen2, free_port()), *RAY_TP2, **joining):
+        deadline = time.monotonic() + 180
+        while "which has 0" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(1)
+    refusal = "--distributed-executor-backend ray with TP 2 needs 2 neuron_cores in the Ray cluster"
+    assert f"{refusal}, which has 0" in log.read_text(), log.read_text()[-3000:]
 
-    monkeypatch.setenv("VLLM_NEURON_QWEN2_BACKEND", "neuron")
-    args = EngineArgs(
-        model=str(tiny_qwen2), tensor_parallel_size=2, distributed_executor_backend="ray", enforce_eager=True
+
+def test_tensor_parallel_2_over_ray_on_neuron_is_driven_by_rank_0(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """The neuron backend (its compiler swapped for cpu graphs by tests/neuron_on_cpu.py) over Ray: two
+    actors each reserve a `neuron_cores` unit; rank 0 drives both cores, rank 1 only holds its own."""
+    plugin = tmp_path / "plugin"
+    (plugin / "neuron_on_cpu-0.dist-info").mkdir(parents=True)
+    (plugin / "neuron_on_cpu-0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: neuron-on-cpu\n"
     )
-    with pytest.raises(ValueError, match="ray with --tensor-parallel-size 2: on Neuron one process drives"):
-        args.create_engine_config()
+    (plugin / "neuron_on_cpu-0.dist-info" / "entry_points.txt").write_text(
+        "[vllm.general_plugins]\nneuron_on_cpu = neuron_on_cpu:register\n"
+    )
+    neuron = {"VLLM_NEURON_QWEN2_BACKEND": "neuron"}  # the actors keep their host's value of VLLM_* variables
+    workers = {"PYTHONPATH": os.pathsep.join([str(plugin), str(REPO / "tests")]), **neuron}
+    port, log = free_port(), tmp_path / "server.log"
+    args = [*serve_args(tiny_qwen2, port), *RAY_TP2, *SMALL_ENGINES, "--dtype", "float32"]
+    with (
+        ray_cluster("--resources", '{"neuron_cores": 2}', **workers) as joining,
+        launched(log, *args, port=port, RAY_DEDUP_LOGS="0", **joining, **neuron) as srv,
+    ):
+        tokens = concurrent_greedy(srv, PROMPTS)
+    assert tokens == hf_greedy(tiny_qwen2, PROMPTS)
+    text = log.read_text()
+    driver = re.findall(r"\(RayWorkerProc pid=(\d+)\).* DP rank 0, TP rank 0: NeuronCores (\S+)", text)
+    holder = re.findall(r"\(RayWorkerProc pid=(\d+)\).* DP rank 0, TP rank 1: holds NeuronCore (\d+)", text)
+    assert len(driver) == 1 and len(holder) == 1, text[-3000:]
+    (driver_pid, cores), (holder_pid, held) = driver[0], holder[0]
+    assert driver_pid != holder_pid and len(placement.parse_cores(cores)) == 2
+    assert int(held) in placement.parse_cores(cores)
+    # One model, built in rank 0's process, over both cores.
+    assert re.findall(r"neuron-on-cpu: process (\d+) drives the TP 2 replica", text) == [driver_pid]

@@ -10,6 +10,9 @@ Every rank loads the same compiled folder; `artifacts.prepare` lets one process 
 
 On the cpu backend the engine cores (and their TP workers) of one host share its CPUs: the platform
 records how many rank processes this host runs, and each takes cores // (D_local * T) torch threads.
+
+Under Ray (one actor per TP rank) vLLM sets `assigned_physical_gpu_ids` to the cores Ray reserved for all
+of a replica's ranks on the host, so on Neuron TP rank 0, which drives them all, narrows to exactly those.
 """
 
 from __future__ import annotations
@@ -93,7 +96,14 @@ def place_this_rank(parallel_config: ParallelConfig, backend: str) -> str:
     An OMP_NUM_THREADS the user set is kept (vLLM marks the values it sets itself).
     """
     if backend == "neuron":
-        os.environ.update(rank_environment(parallel_config.assigned_physical_gpu_ids))
+        cores, tp = parallel_config.assigned_physical_gpu_ids, parallel_config.tensor_parallel_size
+        if parallel_config.use_ray and cores is not None and len(cores) < tp:
+            raise ConfigError(
+                f"--tensor-parallel-size {tp} over Ray: TP rank 0 drives the replica's NeuronCores, but "
+                f"Ray reserved only {len(cores)} of them on its host ({format_cores(cores)}); a replica's "
+                "cores must be on one host (free them there, or lower --tensor-parallel-size)"
+            )
+        os.environ.update(rank_environment(cores))
         return f"NeuronCores {os.environ.get(VISIBLE_CORES_ENV, 'all')}"
     if "OMP_NUM_THREADS" in os.environ and os.environ.get(OMP_NUM_THREADS_SET_BY_VLLM) != "1":
         return f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS)"

@@ -150,13 +150,6 @@ def _reject_unsupported(vllm_config: VllmConfig) -> None:
         raise ValueError(
             f"--quantization {mc.quantization}: quantization is not supported by vllm-neuron-qwen2"
         )
-    pc = vllm_config.parallel_config
-    if pc.use_ray and active_backend() == "neuron" and pc.tensor_parallel_size > 1:
-        raise ValueError(
-            f"--distributed-executor-backend ray with --tensor-parallel-size {pc.tensor_parallel_size}: on "
-            "Neuron one process drives all of a replica's NeuronCores, while Ray starts one actor per TP "
-            "rank. Use Ray for TP 1 replicas (--data-parallel-backend ray), and TP with the default executor."
-        )
     if vllm_config.cache_config.cache_dtype != "auto":
         raise ValueError(
             "--kv-cache-dtype: the Neuron decoder keeps its KV cache in the model dtype; use 'auto'"

@@ -1,10 +1,11 @@
 """Ray: vLLM's own Ray executor, scheduled on NeuronCores, with the cluster checked before it waits on them.
 
 vLLM places one Ray actor per TP rank, each on one unit of the platform's `ray_device_key`, `neuron_cores`,
-which Ray detects on Neuron hosts. The cpu backend runs each TP rank as its own gloo process, so a Ray
-cluster it starts itself declares one stand-in `neuron_cores` per CPU; a cluster started by hand for the
-cpu backend declares them with `ray start --resources '{"neuron_cores": N}'`. vLLM would wait half an hour
-for cores a cluster does not have; this fails at once instead. Imported only when Ray is asked for.
+which Ray detects on Neuron hosts (on Neuron, TP rank 0 drives them all; see worker.py). The cpu backend
+runs each TP rank as its own gloo process, so a Ray cluster it starts itself declares one stand-in
+`neuron_cores` per CPU; a cluster started by hand for the cpu backend declares them with
+`ray start --resources '{"neuron_cores": N}'`. vLLM would wait half an hour for cores a cluster does not
+have; this fails at once instead. Imported only when Ray is asked for.
 """
 
 from __future__ import annotations

@@ -122,8 +122,9 @@ class NeuronQwen2ModelRunner:
             is_pooling_model=False,
             custom_logitsprocs=vllm_config.model_config.logits_processors or (),
         )
-        # Held from the start: an engine that shares this process may tear vLLM's global groups down.
-        self.tp_group = get_tp_group()
+        # TP over processes (the cpu backend) runs every step on every rank. Held from the start: an engine
+        # that shares this process may tear vLLM's global groups down.
+        self.tp_group = get_tp_group() if self.decoder.decoder.tp.group is not None else None
         self.requests: dict[str, _Request] = {}
         self._logitsprocs_rows: list[str] = []  # request id per row, as the logits processors last saw it
         self._step: _Step | None = None
@@ -234,8 +235,9 @@ class NeuronQwen2ModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         began = time.perf_counter()
         tokens, logprobs = self._sample(step, grammar_output)
-        # With TP every rank runs this step; rank 0's tokens win so that all KV caches stay identical.
-        tokens = self.tp_group.broadcast(tokens, src=0).tolist()
+        if self.tp_group is not None:  # rank 0's tokens win so that all KV caches stay identical
+            tokens = self.tp_group.broadcast(tokens, src=0)
+        tokens = tokens.tolist()
         order = [req.req_id for req in step.reqs]
         sampled: list[list[int]] = []
         for req, token, emit in zip(step.reqs, tokens, step.emits, strict=True):

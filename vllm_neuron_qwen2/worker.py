@@ -1,4 +1,10 @@
-"""vLLM worker for the Neuron decoder: one per process (one per TP rank on the cpu backend)."""
+"""vLLM worker for the Neuron decoder: one per process the executor starts.
+
+On the cpu backend every TP rank is a worker holding its shard (gloo collectives). On Neuron the runtime runs
+TP itself: one worker, rank 0, drives all of a replica's NeuronCores. vLLM's Ray executor still starts one
+worker per TP rank, each on one `neuron_cores` unit Ray reserved; rank 0 drives the cores reserved for all
+of them and the other ranks only hold their reservation (no model, no runtime, nothing to return).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,10 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from . import active_backend, placement
-from .platform import logger
+from .config import NeuronConfig, Qwen2Shape
+from .model.parallel import TPGroup
+from .model.qwen2 import Qwen2Decoder
+from .platform import logger, served_neuron_config
 from .runner import NeuronQwen2ModelRunner
 from .vllm_model import NeuronQwen2ForVLLM
 
@@ -25,17 +34,28 @@ _KV_SPEC_NAME = "neuron_kv_blocks"
 
 
 class NeuronQwen2Worker(WorkerBase):
-    model: NeuronQwen2ForVLLM
-    runner: NeuronQwen2ModelRunner
+    # None on a rank that only holds its NeuronCore for rank 0.
+    model: NeuronQwen2ForVLLM | None
+    runner: NeuronQwen2ModelRunner | None
+    # This rank's shard (rank 0's on the meta device for a core holder): what its KV blocks look like.
+    shard: Qwen2Decoder
+    neuron_config: NeuronConfig
 
     def init_device(self) -> None:
         self.device = torch.device("cpu")
         pc = self.parallel_config
-        # Before the model (and with it the Neuron runtime) loads: this DP rank's cores or thread share.
-        placed = placement.place_this_rank(pc, active_backend())
-        logger.info("DP rank %d, TP rank %d: %s", pc.data_parallel_index, self.rank, placed)
-        # The cpu backend runs one process per TP rank (gloo); on Neuron the runtime spans the cores itself.
-        world = pc.world_size if active_backend() == "cpu" else 1
+        self.holds_core_only = active_backend() == "neuron" and self.rank > 0
+        if self.holds_core_only:
+            logger.info(
+                "DP rank %d, TP rank %d: holds NeuronCore %d for TP rank 0, which drives the replica's cores",
+                pc.data_parallel_index, self.rank, pc.assigned_physical_gpu_ids[self.local_rank],
+            )  # fmt: skip
+        else:
+            # Before the model (and with it the Neuron runtime) loads: this DP rank's cores or thread share.
+            placed = placement.place_this_rank(pc, active_backend())
+            logger.info("DP rank %d, TP rank %d: %s", pc.data_parallel_index, self.rank, placed)
+        # A group over the executor's processes: the cpu backend's TP collectives run on it.
+        world = 1 if pc.distributed_executor_backend == "uni" else pc.world_size
         init_distributed_environment(
             world_size=world,
             rank=self.rank,
@@ -46,6 +66,15 @@ class NeuronQwen2Worker(WorkerBase):
         ensure_model_parallel_initialized(world, 1)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        if self.holds_core_only:
+            self.model = self.runner = None
+            self.neuron_config = served_neuron_config(self.vllm_config)
+            shape = Qwen2Shape.from_dict(self.model_config.hf_config.to_dict())
+            with torch.device("meta"):  # shapes without memory
+                self.shard = Qwen2Decoder(
+                    shape, self.neuron_config, TPGroup(size=self.neuron_config.tp_degree)
+                )
+            return
         from vllm.model_executor.models import ModelRegistry
 
         model_cls, arch = ModelRegistry.resolve_model_cls(self.model_config.architectures, self.model_config)
@@ -56,8 +85,9 @@ class NeuronQwen2Worker(WorkerBase):
             )
         self.model = model_cls(vllm_config=self.vllm_config)
         self.runner = NeuronQwen2ModelRunner(self.vllm_config, self.model)
+        self.shard, self.neuron_config = self.model.decoder.decoder, self.model.neuron_config
 
-    def get_model(self) -> NeuronQwen2ForVLLM:
+    def get_model(self) -> NeuronQwen2ForVLLM | None:
         return self.model
 
     def get_supported_tasks(self) -> tuple[SupportedTask, ...]:
@@ -65,13 +95,13 @@ class NeuronQwen2Worker(WorkerBase):
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         # One group whose page is one block's K and V over all layers of this rank, so that vLLM's
-        # KV-cache log lines report the real size.
-        decoder = self.model.decoder.decoder
-        k0, _ = decoder.kv_cache.layer(0)  # [num_blocks * block_size, kv_heads, head_dim]
+        # KV-cache log lines report the real size (a core holder reports the rank 0 shard's).
+        kv_cache = self.shard.kv_cache
+        k0, _ = kv_cache.layer(0)  # [num_blocks * block_size, kv_heads, head_dim]
         return {
             _KV_SPEC_NAME: FullAttentionSpec(
-                block_size=decoder.kv_cache.block_size,
-                num_kv_heads=k0.shape[1] * decoder.shape.num_hidden_layers,
+                block_size=kv_cache.block_size,
+                num_kv_heads=k0.shape[1] * self.shard.shape.num_hidden_layers,
                 head_size=k0.shape[2],
                 dtype=k0.dtype,
             )
@@ -83,10 +113,10 @@ class NeuronQwen2Worker(WorkerBase):
 
     def determine_available_memory(self) -> int:
         (spec,) = self.get_kv_cache_spec().values()
-        return spec.page_size_bytes * self.model.neuron_config.num_blocks
+        return spec.page_size_bytes * self.neuron_config.num_blocks
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
-        pool = self.model.neuron_config.num_blocks
+        pool = self.neuron_config.num_blocks
         if kv_cache_config.num_blocks > pool:
             raise RuntimeError(f"vLLM allocated {kv_cache_config.num_blocks} KV blocks, the model has {pool}")
 
@@ -94,11 +124,12 @@ class NeuronQwen2Worker(WorkerBase):
         # Graphs are built (or loaded) by from_pretrained; nothing is left to compile here.
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
+    # vLLM reads the outputs of rank 0 alone: a core holder has none.
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        return self.runner.execute_model(scheduler_output)
+        return None if self.runner is None else self.runner.execute_model(scheduler_output)
 
-    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
-        return self.runner.sample_tokens(grammar_output)
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput | None:
+        return None if self.runner is None else self.runner.sample_tokens(grammar_output)
 
     def padding_stats(self) -> list[tuple[int, int, int, bool, int, int]]:
         """(rows, prompt tokens, context, sample, real tokens, padded tokens) per bucket run so far; the score
@@ -106,12 +137,16 @@ class NeuronQwen2Worker(WorkerBase):
 
         Plain values so that `LLM.collective_rpc("padding_stats")` can carry them (benchmarks/ reads them).
         """
+        if self.model is None:
+            return []
         stats = self.model.decoder.padding
         return [(*bucket[:4], stats.real[bucket], stats.padded[bucket]) for bucket in stats.real]
 
     def step_stats(self) -> dict[str, float]:
         """Serving steps and their seconds in `execute_model`, and graph calls and their seconds: the
         difference is host work per step (planning, tensors, sampling bookkeeping)."""
+        if self.model is None or self.runner is None:
+            return {}
         stats = self.model.decoder.padding
         return {
             "steps": self.runner.steps,
