@@ -210,7 +210,7 @@ def serve_args(model_dir: Path, port: int) -> list[str]:
     return [str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "128"]
 
 
-PROMPTS = [[5 + i, 6, 7 + 2 * i, 8] for i in range(8)]
+PROMPTS = [[5 + i, 6, 7 + 2 * i, 8] for i in range(32)]  # sent at once: 32 concurrent requests
 MAX_TOKENS = 8
 
 
