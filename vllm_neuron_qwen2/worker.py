@@ -34,7 +34,7 @@ _KV_SPEC_NAME = "neuron_kv_blocks"
 
 
 class NeuronQwen2Worker(WorkerBase):
-    # None on a rank that only holds its NeuronCore for rank 0.
+    # None on a rank that only holds its NeuronCore for rank 0 (holds_core_only).
     model: NeuronQwen2ForVLLM | None
     runner: NeuronQwen2ModelRunner | None
     # This rank's shard (rank 0's on the meta device for a core holder): what its KV blocks look like.
@@ -126,10 +126,10 @@ class NeuronQwen2Worker(WorkerBase):
 
     # vLLM reads the outputs of rank 0 alone: a core holder has none.
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        return None if self.runner is None else self.runner.execute_model(scheduler_output)
+        return None if self.holds_core_only else self.runner.execute_model(scheduler_output)
 
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput | None:
-        return None if self.runner is None else self.runner.sample_tokens(grammar_output)
+        return None if self.holds_core_only else self.runner.sample_tokens(grammar_output)
 
     def padding_stats(self) -> list[tuple[int, int, int, bool, int, int]]:
         """(rows, prompt tokens, context, sample, real tokens, padded tokens) per bucket run so far; the score
@@ -137,7 +137,7 @@ class NeuronQwen2Worker(WorkerBase):
 
         Plain values so that `LLM.collective_rpc("padding_stats")` can carry them (benchmarks/ reads them).
         """
-        if self.model is None:
+        if self.holds_core_only:
             return []
         stats = self.model.decoder.padding
         return [(*bucket[:4], stats.real[bucket], stats.padded[bucket]) for bucket in stats.real]
@@ -145,7 +145,7 @@ class NeuronQwen2Worker(WorkerBase):
     def step_stats(self) -> dict[str, float]:
         """Serving steps and their seconds in `execute_model`, and graph calls and their seconds: the
         difference is host work per step (planning, tensors, sampling bookkeeping)."""
-        if self.model is None or self.runner is None:
+        if self.holds_core_only:
             return {}
         stats = self.model.decoder.padding
         return {
