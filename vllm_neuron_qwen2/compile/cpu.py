@@ -27,13 +27,19 @@ def has_bf16_units() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def can_prepack(dtype: str) -> bool:
+    """oneDNN blocks bfloat16 weights only on CPUs with AVX-512 (BW, VL, DQ); float32 ones everywhere."""
+    return dtype != "bfloat16" or torch.cpu._is_avx512_supported()
+
+
 def build_cpu_graphs(
     decoder: Qwen2Decoder, config: NeuronConfig, buckets: list[Bucket], model_dir: Path
 ) -> dict[Bucket, Callable]:
     graphs = {b: BucketGraph(decoder, b) for b in buckets}
     if config.compile_mode == "eager":
         # oneDNN's blocked weights stream ~3x faster than BLAS at decode's few rows (inductor can't use them)
-        decoder.prepack_linears(config.decode_batch_sizes[-1])
+        if can_prepack(config.dtype):
+            decoder.prepack_linears(config.decode_batch_sizes[-1])
         return graphs
     compiled = {b: torch.compile(g, fullgraph=True, dynamic=False) for b, g in graphs.items()}
 
@@ -43,7 +49,7 @@ def build_cpu_graphs(
         with (
             temporary_cache_dir(str(folder / INDUCTOR_DIR)),
             torch._dynamo.config.patch(recompile_limit=1 << 16, accumulated_recompile_limit=1 << 16),
-            torch.inference_mode(),
+            torch.no_grad(),  # as the graphs are called (dynamo guards on the grad mode)
         ):
             bar = tqdm(buckets, desc=f"{action} bucket graphs", unit="graph", disable=decoder.tp.rank != 0)
             for bucket in bar:
