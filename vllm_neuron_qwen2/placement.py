@@ -13,6 +13,10 @@ records how many rank processes this host runs, and each takes cores // (D_local
 
 Under Ray (one actor per TP rank) vLLM sets `assigned_physical_gpu_ids` to the cores Ray reserved for all
 of a replica's ranks on the host, so on Neuron TP rank 0, which drives them all, narrows to exactly those.
+
+vLLM 0.16 has no `assigned_physical_gpu_ids`: it narrows NEURON_RT_VISIBLE_CORES itself, for each DP rank's
+process (through `device_id_to_physical_device_id`) and for each Ray worker (all of the cores Ray reserved on
+its host), so the rank's cores are those it was given (vllm_compat.assigned_cores).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
-from vllm.utils.torch_utils import OMP_NUM_THREADS_SET_BY_VLLM, available_cpu_count
 
 from .config import ConfigError
+from .vllm_compat import assigned_cores, available_cpu_count
 
 if TYPE_CHECKING:
     from vllm.config import ParallelConfig
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
 # Rank processes on this host (local DP ranks x TP), set by the platform before vLLM spawns them.
 HOST_RANKS_ENV = "VLLM_NEURON_QWEN2_HOST_RANKS"
+# OMP_NUM_THREADS as the user set it ("" when unset), recorded before vLLM sets it for its own processes.
+USER_THREADS_ENV = "VLLM_NEURON_QWEN2_USER_OMP_NUM_THREADS"
 
 
 def parse_cores(spec: str) -> list[int]:
@@ -90,13 +96,19 @@ def threads_per_rank(host_cpus: int, host_ranks: int) -> int:
     return max(1, host_cpus // host_ranks)
 
 
+def remember_user_threads() -> None:
+    """Record OMP_NUM_THREADS as the user set it, in the front end, before vLLM sets it for the processes it
+    starts (vLLM 0.16 does not mark its own values); every rank process inherits the record."""
+    os.environ.setdefault(USER_THREADS_ENV, os.environ.get("OMP_NUM_THREADS", ""))
+
+
 def place_this_rank(parallel_config: ParallelConfig, backend: str) -> str:
     """Give this rank's process its cores (neuron) or its thread share (cpu); returns what it got, to log.
 
-    An OMP_NUM_THREADS the user set is kept (vLLM marks the values it sets itself).
+    An OMP_NUM_THREADS the user set is kept.
     """
     if backend == "neuron":
-        cores, tp = parallel_config.assigned_physical_gpu_ids, parallel_config.tensor_parallel_size
+        cores, tp = assigned_cores(parallel_config), parallel_config.tensor_parallel_size
         if parallel_config.use_ray and cores is not None and len(cores) < tp:
             raise ConfigError(
                 f"--tensor-parallel-size {tp} over Ray: TP rank 0 drives the replica's NeuronCores, but "
@@ -105,7 +117,7 @@ def place_this_rank(parallel_config: ParallelConfig, backend: str) -> str:
             )
         os.environ.update(rank_environment(cores))
         return f"NeuronCores {os.environ.get(VISIBLE_CORES_ENV, 'all')}"
-    if "OMP_NUM_THREADS" in os.environ and os.environ.get(OMP_NUM_THREADS_SET_BY_VLLM) != "1":
+    if os.environ.get(USER_THREADS_ENV):
         return f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS)"
     host_cpus = available_cpu_count()
     host_ranks = int(os.environ.get(HOST_RANKS_ENV, parallel_config.tensor_parallel_size))

@@ -12,8 +12,10 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from . import ARTIFACTS_ENV, BACKEND_ENV, active_backend, placement
+from . import ARTIFACTS_ENV, BACKEND_ENV, active_backend, placement, vllm_compat
 from .config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+vllm_compat.check_installed_stack()
 
 if TYPE_CHECKING:
     from vllm.config import ParallelConfig, VllmConfig
@@ -87,7 +89,7 @@ def fit_to_compiled_folder(vllm_config: VllmConfig) -> None:
     if mc.original_max_model_len is None and mc.max_model_len != compiled.seq_len:
         logger.info("vllm-neuron-qwen2: max_model_len=%d, as %s was compiled for", compiled.seq_len, mc.model)
         mc.max_model_len = compiled.seq_len
-    if not cc.user_specified_block_size:
+    if not vllm_compat.block_size_given(cc):
         cc.block_size = compiled.block_size
     if cc.num_gpu_blocks_override is None:
         cc.num_gpu_blocks_override = compiled.num_blocks
@@ -165,8 +167,9 @@ def _prepare_data_parallel_ranks(pc: ParallelConfig) -> None:
 
 
 def _prepare_ray(pc: ParallelConfig) -> None:
-    """--distributed-executor-backend ray (or --data-parallel-backend ray, which implies it): vLLM's Ray
-    executor, on a cluster checked for NeuronCores before vLLM waits for them (ray_executor.py)."""
+    """--distributed-executor-backend ray, or --data-parallel-backend ray: vLLM's Ray executor (which
+    vLLM 0.32 also uses for data-parallel actors, 0.16 only for TP > 1), on a cluster checked for
+    NeuronCores before vLLM waits for them (ray_executor.py)."""
     from .ray_executor import NeuronRayExecutor, join_ray_cluster
 
     if pc.data_parallel_backend == "ray":  # vLLM's front end places the DP ranks' actors next
@@ -174,19 +177,21 @@ def _prepare_ray(pc: ParallelConfig) -> None:
             pc, pc.world_size * pc.data_parallel_size,
             f"--data-parallel-backend ray with DP {pc.data_parallel_size} x TP {pc.world_size}",
         )  # fmt: skip
-    pc.distributed_executor_backend = NeuronRayExecutor
+    if pc.use_ray:
+        pc.distributed_executor_backend = NeuronRayExecutor
 
 
 def _name_dead_engine_cores() -> None:
-    """vLLM shuts the server down when an engine core process dies, but only says "EngineCore encountered an
-    issue"; with data parallelism the operator needs to know which rank died. Log it."""
-    from vllm.v1.engine.utils import CoreEngineProcManager
-
-    watch = CoreEngineProcManager.monitor_engine_liveness
+    """vLLM 0.32 shuts the server down when an engine core process dies, but only says "EngineCore encountered
+    an issue"; with data parallelism the operator needs to know which rank died. Log it."""
+    manager = vllm_compat.engine_liveness_monitor()
+    if manager is None:  # this vLLM names the dead process itself
+        return
+    watch = manager.monitor_engine_liveness
     if getattr(watch, "names_dead_engines", False):  # already wrapped
         return
 
-    def monitor_engine_liveness(self: CoreEngineProcManager) -> None:
+    def monitor_engine_liveness(self: Any) -> None:
         watch(self)
         name = self.failed_proc_name  # set by vLLM for a process that exited with an error
         if name is not None:
@@ -197,7 +202,7 @@ def _name_dead_engine_cores() -> None:
             )  # fmt: skip
 
     monitor_engine_liveness.names_dead_engines = True
-    CoreEngineProcManager.monitor_engine_liveness = monitor_engine_liveness
+    manager.monitor_engine_liveness = monitor_engine_liveness
 
 
 def _replace_parallel_check() -> None:
@@ -353,7 +358,7 @@ class NeuronQwen2Platform(Platform):
             return
 
         _reject_unsupported(vllm_config)
-        if not cc.user_specified_block_size:
+        if not vllm_compat.block_size_given(cc):
             cc.block_size = DEFAULT_BLOCK_SIZE
         fit_to_compiled_folder(vllm_config)
         served = served_neuron_config(vllm_config)
@@ -362,18 +367,18 @@ class NeuronQwen2Platform(Platform):
         # Forking a process whose OpenMP pool is already running (any torch op before LLM(...)) deadlocks
         # the child's first parallel op; the engine core and the TP ranks are therefore spawned.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        if pc.use_ray:
+        placement.remember_user_threads()
+        if pc.use_ray or pc.data_parallel_backend == "ray":
             _prepare_ray(pc)
-        elif active_backend() == "cpu" and pc.tensor_parallel_size > 1:
-            pc.distributed_executor_backend = "mp"  # one gloo rank per shard
-        else:
-            pc.distributed_executor_backend = "uni"  # on Neuron, TP lives inside the runtime
+        if not pc.use_ray:
+            # cpu: one gloo rank per shard; on Neuron, TP lives inside the runtime
+            tp_over_processes = active_backend() == "cpu" and pc.tensor_parallel_size > 1
+            pc.distributed_executor_backend = "mp" if tp_over_processes else "uni"
         _prepare_data_parallel_ranks(pc)
 
         # vLLM's block pool allocates exactly the model's pool (block 0 is its null block, our padding block).
         cc.num_gpu_blocks_override = served.num_blocks
-        if sc.max_num_scheduled_tokens is not None:
-            sc.max_num_scheduled_tokens = min(sc.max_num_scheduled_tokens, sc.max_num_batched_tokens)
+        vllm_compat.cap_scheduled_tokens(sc)
         logger.info_once(
             "vllm-neuron-qwen2: paged KV cache of %d blocks x %d tokens (%.1f full-length sequences), "
             "prefix caching %s, chunked prefill %s, %d tokens per step",
@@ -388,19 +393,18 @@ class NeuronQwen2Platform(Platform):
         pass
 
     @classmethod
-    def validate_request(cls, processed_inputs: EngineInput, params: SamplingParams | PoolingParams) -> None:
+    def validate_request(
+        cls, processed_inputs: EngineInput, params: SamplingParams | PoolingParams, prompt: object = None
+    ) -> None:
+        """vLLM 0.32 passes (processed_inputs, params); 0.16 passes them by keyword, with the prompt too."""
         from vllm.sampling_params import SamplingParams
 
         if not isinstance(params, SamplingParams):
             raise VLLMValidationError("only text generation is supported on vllm-neuron-qwen2")
-        unsupported = {
-            "prompt_logprob_token_ids": params.prompt_logprob_token_ids is not None,
-            "thinking_token_budget": params.thinking_token_budget is not None,
-            "trace_decode_token_ids": params.trace_decode_token_ids is not None,
-            "logprob_token_ids": params.logprob_token_ids is not None,
-        }
-        for name, used in unsupported.items():
-            if used:
+        # vLLM 0.32's fields; 0.16 has none of them
+        for name in ("prompt_logprob_token_ids", "thinking_token_budget", "trace_decode_token_ids",
+                     "logprob_token_ids"):  # fmt: skip
+            if getattr(params, name, None) is not None:
                 raise VLLMValidationError(f"{name} is not supported on vllm-neuron-qwen2", parameter=name)
 
         if processed_inputs.get("type") not in (None, "token"):

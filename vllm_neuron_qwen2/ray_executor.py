@@ -13,15 +13,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from vllm.utils.torch_utils import available_cpu_count
-
 from . import active_backend
 from .config import ConfigError
 from .platform import NeuronQwen2Platform
+from .vllm_compat import available_cpu_count, ray_executor_base
 
 try:
     import ray
-    from vllm.v1.executor.ray_executor_v2 import RayExecutorV2
+
+    RayExecutor = ray_executor_base()
 except ImportError as e:
     raise ImportError(
         f"the Ray executor needs ray ({e}); install it with pip install 'vllm-neuron-qwen2[ray]'"
@@ -51,9 +51,8 @@ def join_ray_cluster(parallel_config: ParallelConfig, needed_cores: int, asked_b
         )
 
 
-class NeuronRayExecutor(RayExecutorV2):
-    """vLLM's (default, V2) Ray executor, started once the cluster is known to have the TP ranks'
-    NeuronCores."""
+class NeuronRayExecutor(RayExecutor):
+    """vLLM's Ray executor, started once the cluster is known to have the TP ranks' NeuronCores."""
 
     def _init_executor(self) -> None:
         tp = self.parallel_config.world_size

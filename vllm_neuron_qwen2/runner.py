@@ -131,8 +131,12 @@ class NeuronQwen2ModelRunner:
         self.steps = 0
         self.step_seconds = 0.0  # in execute_model and sample_tokens, graph calls included
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Run the step's graphs; `sample_tokens` picks the tokens and hands the output over."""
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, intermediate_tensors: None = None
+    ) -> ModelRunnerOutput | None:
+        """Run the step's graphs; `sample_tokens` picks the tokens and hands the output over.
+
+        `intermediate_tensors` (pipeline parallelism, refused) is passed by vLLM 0.16's Ray workers."""
         began = time.perf_counter()
         so = scheduler_output
         for req_id in so.finished_req_ids:
@@ -271,10 +275,13 @@ class NeuronQwen2ModelRunner:
             return tokens, {}
         logits = step.result[host]
         if grammar_output is not None:
-            batch = SimpleNamespace(
-                req_ids=[step.reqs[i].req_id for i in host]
-            )  # all apply_grammar_bitmask reads
-            apply_grammar_bitmask(step.scheduler_output, grammar_output, batch, logits)
+            # Only the rows under a grammar: given others too, vLLM 0.16's apply_grammar_bitmask pins memory.
+            ids = set(grammar_output.structured_output_request_ids)
+            under = [row for row, i in enumerate(host) if step.reqs[i].req_id in ids]
+            batch = SimpleNamespace(req_ids=[step.reqs[host[row]].req_id for row in under])  # all it reads
+            masked = logits[under]
+            apply_grammar_bitmask(step.scheduler_output, grammar_output, batch, masked)
+            logits[under] = masked
         host_tokens, host_logprobs = self._sample_on_host([step.reqs[i] for i in host], logits)
         tokens[host] = host_tokens
         return tokens, {host[row]: entry for row, entry in host_logprobs.items()}

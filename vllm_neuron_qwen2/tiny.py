@@ -164,7 +164,7 @@ def make_tokenizer(max_length: int = 2048) -> Any:
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
         eos_token=ENDOFTEXT,
         pad_token=ENDOFTEXT,
-        extra_special_tokens=[IM_START, IM_END],
+        additional_special_tokens=[IM_START, IM_END],  # read by transformers 4 and 5
         chat_template=CHAT_TEMPLATE,
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
@@ -267,11 +267,11 @@ def _save_random_model(
     max_shard_size = math.ceil(total_bytes / num_shards * 1.05) if num_shards > 1 else total_bytes + 1
     model.save_pretrained(out, max_shard_size=max_shard_size)
 
-    # transformers 5 keeps rope_theta only inside rope_parameters; published Qwen2 config.json files have it
-    # at the top level too, and raw-config readers look for it there.
+    # transformers 5 keeps rope_theta only inside rope_parameters (4 at the top level); published Qwen2
+    # config.json files have it at the top level, and raw-config readers look for it there.
     config_path = out / "config.json"
     raw = json.loads(config_path.read_text())
-    raw["rope_theta"] = config.rope_parameters["rope_theta"]
+    raw.setdefault("rope_theta", raw.get("rope_parameters", {}).get("rope_theta"))
     config_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
-from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+from vllm.v1.worker.worker_base import WorkerBase
 
-from . import active_backend, placement
+from . import active_backend, placement, vllm_compat
 from .config import NeuronConfig, Qwen2Shape
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
@@ -33,10 +33,21 @@ if TYPE_CHECKING:
 _KV_SPEC_NAME = "neuron_kv_blocks"
 
 
+class CoreHolderRunner:
+    """The runner of a rank that only holds its NeuronCore for rank 0: vLLM reads rank 0's outputs alone."""
+
+    def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors: None = None) -> None:
+        return None
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> None:
+        return None
+
+
 class NeuronQwen2Worker(WorkerBase):
     # None on a rank that only holds its NeuronCore for rank 0 (holds_core_only).
     model: NeuronQwen2ForVLLM | None
-    runner: NeuronQwen2ModelRunner | None
+    # vLLM's name: vLLM 0.16's Ray workers call `worker.model_runner` directly.
+    model_runner: NeuronQwen2ModelRunner | CoreHolderRunner
     # This rank's shard (rank 0's on the meta device for a core holder): what its KV blocks look like.
     shard: Qwen2Decoder
     neuron_config: NeuronConfig
@@ -48,7 +59,7 @@ class NeuronQwen2Worker(WorkerBase):
         if self.holds_core_only:
             logger.info(
                 "DP rank %d, TP rank %d: holds NeuronCore %d for TP rank 0, which drives the replica's cores",
-                pc.data_parallel_index, self.rank, pc.assigned_physical_gpu_ids[self.local_rank],
+                pc.data_parallel_index, self.rank, vllm_compat.assigned_cores(pc)[self.local_rank],
             )  # fmt: skip
         else:
             # Before the model (and with it the Neuron runtime) loads: this DP rank's cores or thread share.
@@ -67,7 +78,7 @@ class NeuronQwen2Worker(WorkerBase):
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         if self.holds_core_only:
-            self.model = self.runner = None
+            self.model, self.model_runner = None, CoreHolderRunner()
             self.neuron_config = served_neuron_config(self.vllm_config)
             shape = Qwen2Shape.from_dict(self.model_config.hf_config.to_dict())
             with torch.device("meta"):  # shapes without memory
@@ -84,7 +95,7 @@ class NeuronQwen2Worker(WorkerBase):
                 "neuron_qwen2_models was not loaded (list it in VLLM_PLUGINS if you set that variable)"
             )
         self.model = model_cls(vllm_config=self.vllm_config)
-        self.runner = NeuronQwen2ModelRunner(self.vllm_config, self.model)
+        self.model_runner = NeuronQwen2ModelRunner(self.vllm_config, self.model)
         self.shard, self.neuron_config = self.model.decoder.decoder, self.model.neuron_config
 
     def get_model(self) -> NeuronQwen2ForVLLM | None:
@@ -120,16 +131,19 @@ class NeuronQwen2Worker(WorkerBase):
         if kv_cache_config.num_blocks > pool:
             raise RuntimeError(f"vLLM allocated {kv_cache_config.num_blocks} KV blocks, the model has {pool}")
 
-    def compile_or_warm_up_model(self) -> CompilationTimes:
-        # Graphs are built (or loaded) by from_pretrained; nothing is left to compile here.
-        return CompilationTimes(language_model=0.0, encoder=0.0)
+    def initialize_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        # vLLM 0.16 calls this after sizing the pool; the blocks were checked in initialize_from_config.
+        pass
 
-    # vLLM reads the outputs of rank 0 alone: a core holder has none.
+    def compile_or_warm_up_model(self) -> object:
+        # Graphs are built (or loaded) by from_pretrained; nothing is left to compile here.
+        return vllm_compat.no_compilation_times()
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        return None if self.holds_core_only else self.runner.execute_model(scheduler_output)
+        return self.model_runner.execute_model(scheduler_output)
 
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput | None:
-        return None if self.holds_core_only else self.runner.sample_tokens(grammar_output)
+        return self.model_runner.sample_tokens(grammar_output)
 
     def padding_stats(self) -> list[tuple[int, int, int, bool, int, int]]:
         """(rows, prompt tokens, context, sample, real tokens, padded tokens) per bucket run so far; the score
@@ -149,8 +163,8 @@ class NeuronQwen2Worker(WorkerBase):
             return {}
         stats = self.model.decoder.padding
         return {
-            "steps": self.runner.steps,
-            "step_seconds": self.runner.step_seconds,
+            "steps": self.model_runner.steps,
+            "step_seconds": self.model_runner.step_seconds,
             "graph_calls": stats.graph_calls,
             "graph_seconds": stats.graph_seconds,
         }

@@ -62,7 +62,7 @@ class TPGroup:
         """[..., N] on each rank -> [..., size * N], rank-major."""
         if self.group is None:
             return x
-        gathered = funcol.all_gather_single(x, 0, self.group)  # [size * d0, ...]: funcol gathers dim 0 only
+        gathered = funcol.all_gather_tensor(x, 0, self.group)  # [size * d0, ...]
         parts = gathered.view(self.size, *x.shape).movedim(0, -2)  # [..., size, N]
         return parts.reshape(*x.shape[:-1], self.size * x.shape[-1])
 
@@ -143,7 +143,7 @@ class RowParallelLinear(ShardLinear):
         """-> the sum over ranks in float32 (the residual stream's dtype): each rank's partial product is
         rounded once to the weight's dtype, as one rank's whole product would be; the sum is not rounded."""
         partial = self.linear(x).float()
-        return partial if self.tp.group is None else self.tp.all_reduce(partial)
+        return partial if self.tp.size == 1 else self.tp.all_reduce(partial)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -157,7 +157,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _empty_param(len(rows.index), hidden_size, dtype=dtype, shards=(rows,))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.tp.group is None:
+        if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         return self.tp.all_reduce(embed_owned(ids, self.start, self.weight))
 
