@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,11 +82,16 @@ def run_name(checkpoint: str, tp: int) -> str:
     return f"{checkpoint} tp{tp}"
 
 
+def vllm_cpu_errors(checkpoint: str, tp: int) -> dict:
+    """vLLM CPU's bf16 figures on `checkpoint` at TP `tp` (the recorded fixture)."""
+    return json.loads(VLLM_CPU_FIXTURE.read_text())["runs"][run_name(checkpoint, tp)]
+
+
 def assert_within_vllm_cpu(checkpoint: str, tp: int, errors: dict) -> None:
     """Each of the four figures (greedy-logit gap and logprob error, worst and p98) at most 10% worse than
     vLLM CPU's in bfloat16 on `checkpoint` at the same TP degree (the recorded fixture)."""
     name = run_name(checkpoint, tp)
-    bound = json.loads(VLLM_CPU_FIXTURE.read_text())["runs"][name]
+    bound = vllm_cpu_errors(checkpoint, tp)
     assert errors["tokens"] == bound["tokens"]
     for kind in ("gap", "logprob"):
         for stat in ("worst", "p98"):
@@ -111,15 +117,18 @@ def vllm_prompt_scores(outputs: list) -> Scores:
     return scores
 
 
-def standalone_forced(model_dir: Path, forced: list[list[int]], tp_degree: int = 1) -> Scores:
+def standalone_forced(
+    model_dir: Path, forced: list[list[int]], tp_degree: int = 1, load: Callable | None = None
+) -> Scores:
     """The standalone API in bfloat16 on `forced` (prompt + continuation per row): one prefill of the
-    prompts, then OUTPUT_TOKENS - 1 decode steps fed the forced tokens."""
+    prompts, then OUTPUT_TOKENS - 1 decode steps fed the forced tokens. `load(model_dir, config)` makes the
+    model (default: the cpu backend's `from_pretrained`)."""
     from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM
 
     config = NeuronConfig(
         batch_size=len(PROMPTS), seq_len=MAX_MODEL_LEN, tp_degree=tp_degree, dtype="bfloat16"
     )
-    model = NeuronQwen2ForCausalLM.from_pretrained(model_dir, config)
+    model = (load or NeuronQwen2ForCausalLM.from_pretrained)(model_dir, config)
     slots = list(range(len(PROMPTS)))
     scores: Scores = [[] for _ in PROMPTS]
     logits = model.prefill(PROMPTS, slots)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vllm_neuron_qwen2 import cli
-from vllm_neuron_qwen2.compile import artifacts, neuron
+from vllm_neuron_qwen2.compile import artifacts, neuron, stateful
 from vllm_neuron_qwen2.compile.backend import build_graphs
 from vllm_neuron_qwen2.compile.buckets import all_buckets
 from vllm_neuron_qwen2.config import ConfigError, NeuronConfig, Qwen2Shape
@@ -224,29 +224,48 @@ def test_neuron_backend_without_torch_neuronx_says_how_to_install(tiny_qwen2: Pa
         pytest.skip("torch-neuronx is installed")
     config = resolved(tiny_qwen2, backend="neuron", dtype="float32")
     decoder = Qwen2Decoder(Qwen2Shape.from_pretrained(tiny_qwen2), config, TPGroup())
-    with pytest.raises(ImportError, match=r"torch-neuronx and neuronx-distributed.*pip install"):
+    names = r"torch-neuronx and neuronx-distributed.*installed: vLLM .*, torch .*, torch-neuronx \(none\)"
+    pairs = r"Supported: vLLM 0\.16\.x with torch 2\.9\.x .*pip install"
+    with pytest.raises(ImportError, match=f"{names}.*{pairs}"):
         build_graphs(decoder, config, [], tiny_qwen2)
 
 
 def test_neuron_graph_returns_its_kv_caches_as_aliased_outputs(tiny_qwen2: Path) -> None:
-    """The wrapper traced for Neuron, run on cpu: same result as the plain graph, plus the updated caches."""
+    """The graph traced for Neuron, run on cpu: the plain graph's result, and the updated KV pool returned
+    (aliased to the pool's parameters) instead of written into it."""
     config = resolved(tiny_qwen2, backend="neuron", dtype="float32")
     shape = Qwen2Shape.from_pretrained(tiny_qwen2)
     plain = Qwen2Decoder(shape, config, TPGroup())  # unpacked weights, as the neuron backend loads them
     load_checkpoint(plain, tiny_qwen2, progress=False)
-    traced = neuron.traced_decoder(shape, config)
-    traced.load_state_dict(plain.state_dict(), strict=False)
+    state = stateful.state_decoder(shape, config, TPGroup())
+    state.load_state_dict(plain.state_dict(), strict=False)
     bucket = all_buckets(config)[0]
-    graph = neuron.StatefulGraph(traced, bucket)
+    graph = stateful.StatefulGraph(state, bucket)
     inputs = example_inputs(bucket, config.block_size)
-    result, *caches = graph(*inputs, route=torch.zeros(1))
+    result, *caches = graph(*inputs, route=stateful.route(0))
     assert torch.allclose(result, BucketGraph(plain, bucket)(*inputs))
-    assert len(caches) == 2 * shape.num_hidden_layers and all(
-        isinstance(c, torch.nn.Parameter) for c in caches
-    )
-    assert graph.aliases() == {c: 1 + i for i, c in enumerate(caches)}
-    assert "decoder.kv_cache.k0" not in neuron.rank_weights(plain), "KV state is not a weight"
-    assert caches[0].abs().sum() > 0, "the decode step wrote its K into the cache"
+    pool = list(state.kv_cache.parameters())
+    assert len(caches) == len(pool) == 2 * shape.num_hidden_layers
+    assert graph.aliases() == {p: 1 + i for i, p in enumerate(pool)}
+    assert all(p.abs().sum() == 0 for p in pool), "the graph left its state alone"
+    assert caches[0].abs().sum() > 0 and torch.equal(caches[0], plain.kv_cache.layer(0)[0])
+
+
+@pytest.mark.parametrize("tp_degree", [1, 2])
+def test_neuron_rank_weights_are_the_graph_parameters_but_the_kv_pool(
+    tiny_qwen2: Path, tp_degree: int
+) -> None:
+    """What `nxd_model.initialize` gets per rank: every parameter of the traced graph but the KV state (device
+    state), by name, and nothing else (a tied lm_head once)."""
+    config = resolved(tiny_qwen2, backend="neuron", dtype="float32", tp_degree=tp_degree)
+    shape = Qwen2Shape.from_pretrained(tiny_qwen2)
+    graph = stateful.StatefulGraph(stateful.state_decoder(shape, config, TPGroup(size=tp_degree)), None)
+    traced = {name for name, _ in graph.named_parameters()}
+    pool = {f"decoder.kv_cache.{name}" for name, _ in graph.decoder.kv_cache.named_parameters()}
+    for rank in range(tp_degree):
+        weights = stateful.rank_weights(Qwen2Decoder(shape, config, TPGroup(rank=rank, size=tp_degree)))
+        assert set(weights) == traced - pool
+        assert ("decoder.embed_tokens.start" in weights) == (tp_degree > 1)
 
 
 def test_neuron_visible_cores(monkeypatch: pytest.MonkeyPatch) -> None:

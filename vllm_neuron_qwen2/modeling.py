@@ -156,7 +156,7 @@ class NeuronQwen2ForCausalLM:
             sampling=sampling,
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors cannot enter an XLA device
     def step_paged(
         self,
         *,
@@ -205,7 +205,7 @@ class NeuronQwen2ForCausalLM:
         logits = torch.stack(out)
         return logits if sampling is None else sample(logits, sampling, cfg.max_topk)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score_paged(
         self, *, tokens: Sequence[Sequence[int]], starts: Sequence[int], block_tables: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:

@@ -1,7 +1,9 @@
 """Neuron hardware tests: compile a tiny Qwen2 with the neuron backend, check prefill and decode logits vs HF;
 serve it at TP 2 through vLLM's Ray executor and its default one.
 
-It runs only where a Neuron device exists; elsewhere (including this repository's CI) it is skipped.
+It runs only where a Neuron device and the Neuron packages exist; elsewhere (including this repository's CI)
+it is skipped. Run tests/test_xla_graphs.py first: the same graphs on a NeuronCore through torch-xla, without
+ModelBuilder.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def test_prefill_and_decode_logits_match_hf(
     make_checkpoint: Callable[..., Path], tmp_path: Path, tp_degree: int
 ) -> None:
     pytest.importorskip("torch_neuronx", reason="torch-neuronx is not installed")
+    pytest.importorskip("neuronx_distributed", reason="neuronx-distributed is not installed")
     from transformers import Qwen2ForCausalLM
 
     model_dir = make_checkpoint()

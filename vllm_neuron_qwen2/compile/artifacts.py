@@ -47,7 +47,8 @@ MANIFEST_FILE = "manifest.json"
 GRAPHS_DIR = "graphs"
 WEIGHTS_DIR = "weights"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-GRAPH_SOURCES = ("model/*.py", "compile/cpu.py", "compile/neuron.py")  # the code that defines the graphs
+# the code that defines the graphs
+GRAPH_SOURCES = ("model/*.py", "compile/cpu.py", "compile/neuron.py", "compile/stateful.py")
 
 
 class ArtifactError(RuntimeError):

@@ -1,10 +1,13 @@
-"""neuron backend: the bucket graphs compiled by neuronx-distributed's ModelBuilder as one multi-graph model.
+"""neuron backend: the bucket graphs (compile/stateful.py) compiled by neuronx-distributed's ModelBuilder.
 
-Written against the public APIs of torch-neuronx 2.x and neuronx-distributed the way NxD Inference uses
-them; it has not run on Neuron hardware in this repository's CI. One process drives all `tp_degree`
-NeuronCores: every bucket is traced once (SPMD) as its own key, all keys share one set of weight names, and
-each rank gets its own pre-sharded weights. The KV cache is device state: each graph returns the caches it
-updated in place as outputs aliased to their inputs, so they stay on the device between calls.
+One process drives all `tp_degree` NeuronCores: ModelBuilder traces rank 0's graphs once each, SPMD, as the
+buckets of one key, and every rank gets its own pre-sharded weights at load. The KV pool is device state:
+each graph returns its updated pool tensors as outputs aliased to them.
+
+Written against neuronx-distributed (NxD Core) and torch-neuronx of Neuron SDK 2.31 (NxD 0.19.28492,
+torch-neuronx 2.9.0.2.15.32035); NxD's source is public up to SDK 2.29 (NxD 0.18, github.com/aws-neuron/
+neuronx-distributed at fbac349 "Release 2.29"), and its 2.30 and 2.31 release notes list no API change. The
+comments cite that source (`src/neuronx_distributed/...`). Nothing here has run on Neuron hardware.
 """
 
 from __future__ import annotations
@@ -18,28 +21,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from tqdm import tqdm
 
 from ..config import ConfigError, NeuronConfig, Qwen2Shape
-from ..model.graphs import BucketGraph, example_inputs
-from ..model.parallel import TPGroup, VocabParallelEmbedding, embed_owned
+from ..model.graphs import example_inputs
+from ..model.parallel import TPGroup
 from ..model.qwen2 import Qwen2Decoder
 from ..placement import visible_cores
+from ..vllm_compat import installed_stack, supported_pairs
 from . import artifacts
 from .buckets import Bucket
+from .stateful import StatefulGraph, rank_weights, route, state_decoder
 
 INSTALL_HINT = (
     "pip install 'vllm-neuron-qwen2[neuron]' --extra-index-url https://pip.repos.neuron.amazonaws.com "
-    "on a Neuron instance (trn1, trn2, inf2)"
+    "on a Neuron instance (inf2, trn1) with Neuron SDK 2.31"
 )
-# The neuronx-cc flags NxD Inference compiles Qwen2 with (its Qwen2 get_compiler_args).
+# Physical NeuronCores per logical one: 1 on inf2 and trn1; trn2 defaults to 2, so the compiler,
+# ModelBuilder and the runtime are all held to 1.
+LNC = 1
+LNC_ENV = "NEURON_LOGICAL_NC_CONFIG"
+# The neuronx-cc flags NxD Inference compiles Qwen2 with (its models/qwen2/modeling_qwen2.py
+# get_compiler_args), and the logical core size, which NxDI passes on every target (models/model_wrapper.py).
 COMPILER_ARGS = (
     "--enable-saturate-infinity --enable-mixed-precision-accumulation --auto-cast=none "
     "--model-type transformer -O1 --tensorizer-options='--enable-ccop-compute-overlap "
     "--cc-pipeline-tiling-factor=2 --vectorize-strided-dma' "
-    "--internal-hlo2tensorizer-options='--verify-hlo=true'"
+    f"--internal-hlo2tensorizer-options='--verify-hlo=true' --lnc={LNC}"
 )
 MODEL_FILE = "model.pt"
+KEY = "qwen2"  # one ModelBuilder key whose buckets are our buckets; also a file name in the workdir
 
 
 def require_neuron() -> None:
@@ -49,8 +60,9 @@ def require_neuron() -> None:
         import torch_neuronx  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            f"backend 'neuron' needs torch-neuronx and neuronx-distributed ({e}). Install them with "
-            f"{INSTALL_HINT}, or use the cpu backend (VLLM_NEURON_QWEN2_BACKEND=cpu)."
+            f"backend 'neuron' needs torch-neuronx and neuronx-distributed ({e}); installed: "
+            f"{installed_stack()}. Supported: {supported_pairs()}. Install them with {INSTALL_HINT}, or use "
+            "the cpu backend (VLLM_NEURON_QWEN2_BACKEND=cpu)."
         ) from e
 
 
@@ -64,118 +76,90 @@ def check_cores(tp_degree: int) -> None:
         )
 
 
+def check_logical_cores() -> None:
+    """Hold the runtime to the logical core size the graphs are compiled for (set before it starts)."""
+    given = os.environ.setdefault(LNC_ENV, str(LNC))
+    if given != str(LNC):
+        raise ConfigError(
+            f"{LNC_ENV}={given}: the graphs are compiled for {LNC} physical NeuronCore per logical core; "
+            f"unset {LNC_ENV} or set it to {LNC}"
+        )
+
+
 @dataclass(frozen=True)
 class NxDGroup(TPGroup):
-    """TP collectives as neuronx-distributed lowers them, so the traced graph runs on every rank (SPMD)."""
+    """TP collectives as NxD lowers them, so the traced graph runs on every rank (SPMD)."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        # parallel_layers/mappings.py: the sum over the TP group (xm.all_reduce), identity at size 1
         from neuronx_distributed.parallel_layers.mappings import reduce_from_tensor_model_parallel_region
 
         return reduce_from_tensor_model_parallel_region(x)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        # parallel_layers/mappings.py: gathers along the last dimension, rank-major
         from neuronx_distributed.parallel_layers.mappings import gather_from_tensor_model_parallel_region
 
         return gather_from_tensor_model_parallel_region(x)
 
 
-class SPMDEmbedding(nn.Module):
-    """VocabParallelEmbedding with its first vocabulary row as a per-rank weight instead of a Python constant,
-    so that one traced graph serves every rank."""
-
-    def __init__(self, embedding: VocabParallelEmbedding):
-        super().__init__()
-        self.tp, self.weight = embedding.tp, embedding.weight  # the same Parameter: tied lm_head stays tied
-        self.start = nn.Parameter(torch.tensor(embedding.start), requires_grad=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(embed_owned(ids, self.start, self.weight))
-
-
-class StatefulGraph(BucketGraph):
-    """A bucket graph returning (result, *KV caches), each cache an output aliased to the same input state.
-
-    `route` is an extra input the graph ignores: NxD picks a graph by input shapes alone, and a decode
-    bucket's sampling and logits variants share all other shapes, so its length names the bucket.
-    """
-
-    def forward(self, input_ids, position_ids, slot_mapping, block_tables, logit_index, sampling, route):
-        result = super().forward(input_ids, position_ids, slot_mapping, block_tables, logit_index, sampling)
-        return (result, *self.caches())
-
-    def caches(self) -> list[nn.Parameter]:
-        return list(self.decoder.kv_cache.parameters())
-
-    def aliases(self) -> dict[nn.Parameter, int]:
-        return {cache: 1 + i for i, cache in enumerate(self.caches())}
-
-
-def _route(i: int) -> torch.Tensor:
-    return torch.zeros(i + 1, dtype=torch.int32)
-
-
-def traced_decoder(shape: Qwen2Shape, config: NeuronConfig) -> Qwen2Decoder:
-    """Rank 0's decoder as traced: NxD collectives, per-rank embedding offset, KV cache as device state."""
-    tp = TPGroup()
-    if config.tp_degree > 1:
-        from neuronx_distributed.parallel_layers import parallel_state
-
-        tp = NxDGroup(0, config.tp_degree, parallel_state.get_tensor_model_parallel_group())
-    decoder = Qwen2Decoder(shape, config, tp)
-    if config.tp_degree > 1:
-        decoder.embed_tokens = SPMDEmbedding(decoder.embed_tokens)
-    cache = decoder.kv_cache
-    for name, buffer in list(cache.named_buffers(recurse=False)):
-        # NxD keeps aliased parameters on the device as state, allocated there, never loaded as weights.
-        delattr(cache, name)
-        cache.register_parameter(name, nn.Parameter(buffer, requires_grad=False))
-    return decoder
-
-
-def rank_weights(decoder: Qwen2Decoder) -> dict[str, torch.Tensor]:
-    """One rank's weights under the traced graph's parameter names (KV state excluded)."""
-    weights = {f"decoder.{name}": t for name, t in decoder.state_dict().items()}
-    if decoder.tp.size > 1:
-        weights["decoder.embed_tokens.start"] = torch.tensor(decoder.embed_tokens.start)
-    return weights
+def hot_bucket(buckets: list[Bucket]) -> int:
+    """The decode bucket of the most rows (sampling in the graph, if any does): the one steps mostly run."""
+    decode = [b for b in buckets if b.kind == "decode"]
+    return buckets.index(max(decode, key=lambda b: (b.rows, b.context, b.sample)))
 
 
 def compile_graphs(folder: Path, shape: Qwen2Shape, config: NeuronConfig, buckets: list[Bucket]) -> None:
-    """Trace every bucket as its own key of one ModelBuilder and save the multi-graph model in `folder`."""
+    """Trace every bucket as a bucket of one ModelBuilder key and save the multi-graph model in `folder`."""
+    # trace/model_builder.py: ModelBuilder, and BaseModelInstance(module_cls, input_output_aliases) whose
+    # load_module() builds self.module once per key and whose get(bucket_rank) gives each bucket's module and
+    # {parameter: output index} aliases
     from neuronx_distributed.trace.model_builder import BaseModelInstance, ModelBuilder
 
     class Instance(BaseModelInstance):
-        def get(self, bucket_rank: int, **kwargs: Any) -> tuple[nn.Module, dict[nn.Parameter, int]]:
-            return self.module, self.module.aliases()
+        def get(self, bucket_rank: int, **kwargs: Any) -> tuple[StatefulGraph, dict]:
+            graph = StatefulGraph(self.module, buckets[bucket_rank])
+            return graph, graph.aliases()
 
-    decoder = functools.cache(lambda: traced_decoder(shape, config))  # built inside NxD's parallel context
+    def decoder() -> Qwen2Decoder:
+        # Built inside trace(), after it set up NxD's parallel state (parallel_layers/parallel_state.py)
+        tp = TPGroup()
+        if config.tp_degree > 1:
+            from neuronx_distributed.parallel_layers import parallel_state
+
+            tp = NxDGroup(0, config.tp_degree, parallel_state.get_tensor_model_parallel_group())
+        return state_decoder(shape, config, tp)
+
     builder = ModelBuilder(
-        router=None,
+        router=None,  # unused: the runtime picks a bucket by its inputs' shapes (trace/spmd.py)
         tp_degree=config.tp_degree,
-        checkpoint_loader=dict,  # unused: weights are sharded by `rank_weights`, not by NxD
+        checkpoint_loader=dict,  # never called: weights are sharded by `rank_weights`, not traced in
         compiler_workdir=str(folder / "workdir"),
+        logical_nc_config=LNC,
     )
-    for i, bucket in enumerate(buckets):
-        builder.add(
-            key=str(bucket),
-            model_instance=Instance(lambda b=bucket: StatefulGraph(decoder(), b), input_output_aliases={}),
-            example_inputs=[(*example_inputs(bucket, config.block_size), _route(i))],
-            compiler_args=COMPILER_ARGS,
-            priority_model_idx=0 if i == 0 else None,  # weight layout tuned for the hot decode graph
-        )
+    builder.add(
+        key=KEY,
+        model_instance=Instance(decoder, input_output_aliases={}),
+        # one tuple per bucket: the buckets of one key share one module, so its weights stay bound to it
+        example_inputs=[(*example_inputs(b, config.block_size), route(i)) for i, b in enumerate(buckets)],
+        compiler_args=COMPILER_ARGS,
+        priority_model_idx=hot_bucket(buckets),  # weights laid out for the hot decode graph
+    )
+    # trace(initialize_model_weights=False): graphs only; weights come at load (nxd_model.initialize)
     torch.jit.save(builder.trace(initialize_model_weights=False), str(folder / MODEL_FILE))
     shutil.rmtree(folder / "workdir", ignore_errors=True)
 
 
 class NeuronGraph:
-    """Calls the multi-graph model with the route of one bucket; returns the graph's result alone."""
+    """Calls the multi-graph model with one bucket's route; the model returns the graph's result alone
+    (aliased outputs stay on the device)."""
 
     def __init__(self, model: Any, route: torch.Tensor):
         self.model, self.route = model, route
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         out = self.model(*inputs, self.route)
-        return out[0] if isinstance(out, (list, tuple)) else out  # aliased cache outputs are not returned
+        return out[0] if isinstance(out, (list, tuple)) else out
 
 
 def build_neuron_graphs(
@@ -187,15 +171,23 @@ def build_neuron_graphs(
     """
     require_neuron()
     check_cores(config.tp_degree)
+    check_logical_cores()
     folder, _ = artifacts.prepare(
-        config, model_dir, lambda tmp: compile_graphs(tmp, decoder.shape, config, buckets), decoder.tp
+        config,
+        model_dir,
+        functools.partial(compile_graphs, shape=decoder.shape, config=config, buckets=buckets),
+        decoder.tp,
     )
     weights = [rank_weights(decoder)]
     for rank in range(1, config.tp_degree):
         shard = Qwen2Decoder(decoder.shape, config, TPGroup(rank=rank, size=config.tp_degree))
         artifacts.load_weights(shard, model_dir, progress=False)
         weights.append(rank_weights(shard))
-    model = torch.jit.load(str(folder / MODEL_FILE))
-    # Rank numbering starts at the first core NEURON_RT_VISIBLE_CORES grants.
+    model = torch.jit.load(str(folder / MODEL_FILE))  # torch_neuronx, imported above, registers its classes
+    # trace/spmd.py: one dict per rank, keyed by the traced module's parameter names; the start rank is the
+    # first of NEURON_RT_VISIBLE_CORES (a logical rank)
     model.nxd_model.initialize(weights, torch.tensor([0], dtype=torch.int32))
-    return {bucket: NeuronGraph(model, _route(i)) for i, bucket in enumerate(buckets)}
+    graphs = {bucket: NeuronGraph(model, route(i)) for i, bucket in enumerate(buckets)}
+    for bucket in tqdm(buckets, desc="loading bucket graphs onto the NeuronCores", unit="graph"):
+        graphs[bucket](*example_inputs(bucket, config.block_size))  # writes only into the padding block
+    return graphs

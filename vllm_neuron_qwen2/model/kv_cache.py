@@ -24,7 +24,7 @@ class KVCacheManager(nn.Module):
         dtype: torch.dtype,
     ):
         super().__init__()
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         shape = (num_blocks * block_size, kv_heads, head_dim)  # [token slot, kv_head, head_dim]
         for i in range(num_layers):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype), persistent=False)
@@ -34,7 +34,7 @@ class KVCacheManager(nn.Module):
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
     def write(self, i: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [N, kv_heads, head_dim] for N tokens, written at token slots slot_mapping [N]."""
+        """k, v: [N, kv_heads, head_dim] for N tokens, written at token slots slot_mapping [N], in place."""
         for cache, new in zip(self.layer(i), (k, v), strict=True):
             cache.index_put_((slot_mapping,), new)
 
@@ -48,3 +48,35 @@ class KVCacheManager(nn.Module):
             c.index_select(0, slots).view(g, b * self.block_size, *c.shape[1:]).transpose(1, 2)
             for c in (k, v)
         )
+
+
+class KVState(KVCacheManager):
+    """The pool as compiled-graph state (neuron backend; XLA): a graph never mutates it. `write` makes new
+    tensors, which later reads of the layer see, and `take_updates` hands them over for the graph to return
+    after its result; the compiler aliases each of those outputs to its pool tensor, so the program updates
+    the pool in place (NxD's input_output_aliases, torch-xla's buffer donation). NxD keeps only parameters
+    on the device as state, so the pool's tensors are parameters here."""
+
+    def __init__(self, cache: KVCacheManager):
+        k0, _ = cache.layer(0)
+        with torch.device("meta"):  # the pool's own tensors take the place of these
+            super().__init__(cache.num_layers, cache.num_blocks, cache.block_size, *k0.shape[1:], k0.dtype)
+        for name, tensor in cache.named_buffers():
+            delattr(self, name)
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        self.written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.written.get(i) or super().layer(i)
+
+    def write(self, i: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Like KVCacheManager.write, into new tensors."""
+        self.written[i] = tuple(
+            cache.index_put((slot_mapping,), new) for cache, new in zip(self.layer(i), (k, v), strict=True)
+        )
+
+    def take_updates(self) -> list[torch.Tensor]:
+        """Every layer's K and V after this graph's writes, in the order of `parameters()`."""
+        updates = [t for i in range(self.num_layers) for t in self.layer(i)]
+        self.written = {}
+        return updates

@@ -80,9 +80,13 @@ class RMSNorm(nn.Module):
         return (self.weight.float() * x32).to(self.weight.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    """positions [B, L] -> cos, sin [B, 1, L, D], float32."""
-    freqs = positions.float()[..., None] * inv_freq  # [B, L, D/2]
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """positions [B, L] -> cos, sin [B, 1, L, D], float32.
+
+    The frequencies are computed in the graph, not kept in a buffer: a graph's only tensors are its weights,
+    its KV state and its inputs (what NxD's tracer loads and aliases)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    freqs = positions.float()[..., None] * (1.0 / theta**exponents)  # [B, L, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos(), emb.sin()
 
@@ -182,10 +186,7 @@ class Qwen2Decoder(nn.Module):
             shape.head_dim,
             dtype,
         )
-        d = shape.head_dim
-        inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.scale = d**-0.5
+        self.scale = shape.head_dim**-0.5
 
     def prepack_linears(self, batch: int) -> None:
         """Swap every linear layer's weight for its oneDNN-blocked layout (cpu backend, eager mode)."""
@@ -212,7 +213,7 @@ class Qwen2Decoder(nn.Module):
         """
         d, n = decode_rows, input_ids.shape[0]
         tiles = (n - d) // PREFILL_TILE
-        cos, sin = rope_cos_sin(position_ids[None], self.inv_freq)
+        cos, sin = rope_cos_sin(position_ids[None], self.shape.head_dim, self.shape.rope_theta)
         x = self.embed_tokens(input_ids[None]).float()  # [1, N, H], the residual stream: float32
         context = torch.arange(block_tables.shape[1] * self.kv_cache.block_size, device=x.device)  # [C]
         decode_mask = (context[None, :] <= position_ids[:d, None])[:, None, None]  # [d, 1, 1, C]
