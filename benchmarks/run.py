@@ -1,8 +1,9 @@
 """Benchmark: this plugin's cpu backend against vLLM's own CPU backend and HF transformers, same checkpoint,
 same prompts, each engine in its own processes, alternating over several rounds; medians reported.
 
-python -m benchmarks.run [--workload default|chat|long|all] [--layers 8] [--requests N] [--prompt-len MIN MAX]
-                         [--output-tokens N] [--max-num-seqs 8] [--max-model-len 512] [--rounds 3]
+python -m benchmarks.run [--workload default|chat|long|long8k|all] [--layers 8] [--requests N]
+                         [--prompt-len MIN MAX] [--output-tokens N] [--max-num-seqs 8] [--max-model-len L]
+                         [--rounds 3]
                          [--engines plugin,vllm-cpu,hf]
 
 Writes benchmarks/results/benchmark.{md,json,png} and prints the table. See benchmarks/README.md.
@@ -152,12 +153,9 @@ def run_round(
 def chosen_workloads(args: argparse.Namespace) -> list[Workload]:
     """The --workload choice, with the command line's overrides applied to each."""
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
-    overrides = {
-        "layers": args.layers,
-        "max_num_seqs": args.max_num_seqs,
-        "max_model_len": args.max_model_len,
-        "seed": args.seed,
-    }
+    overrides = {"layers": args.layers, "max_num_seqs": args.max_num_seqs, "seed": args.seed}
+    if args.max_model_len is not None:
+        overrides["max_model_len"] = args.max_model_len
     if args.requests is not None:
         overrides["requests"] = args.requests
     if args.prompt_len is not None:
@@ -188,7 +186,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--output-tokens", type=int, help="override the output tokens per request")
     parser.add_argument("--max-num-seqs", type=int, default=8)
-    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, help="override (default: 512, long8k 8192)")
     parser.add_argument("--seed", type=int, default=0, help="prompt lengths and token ids")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(

@@ -63,13 +63,17 @@ class Workload:
             )
 
 
-# The workloads; all share max_num_seqs, max_model_len and the checkpoint.
+# The workloads; all share max_num_seqs and the checkpoint.
 WORKLOADS = {
     "default": Workload(name="default"),
     # chat: one 320-token system prompt for every request, then each request's own message
     "chat": Workload(name="chat", shared_prefix=320, min_prompt=16, max_prompt=48, output_tokens=32),
     # long: prompts near max_model_len, a few output tokens: prefill-bound
     "long": Workload(name="long", min_prompt=300, max_prompt=440, output_tokens=16),
+    # long8k: retrieval-sized prompts at --max-model-len 8192: attention over long contexts
+    "long8k": Workload(
+        name="long8k", requests=16, min_prompt=2048, max_prompt=6144, output_tokens=32, max_model_len=8192
+    ),
 }
 
 

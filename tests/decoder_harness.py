@@ -27,6 +27,8 @@ CONFIG = dict(batch_size=4, seq_len=64, block_size=8)
 # step. Chunks end inside a block (13, 21, 3) and on a block edge (16); chunks of 1 ride with prompt chunks.
 CHUNKS = {"a": [13, 8, 21, 3], "b": [9], "c": [0, 0, 16, 14, 1]}
 CHUNKED_STEPS = 8
+# Context buckets of the tiny model for play_context_session: 32, 64 and 256 positions.
+CONTEXTS = dict(seq_len=256, context_lengths=[32, 64, 256])
 
 
 def play_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 0):
@@ -69,6 +71,45 @@ def play_chunked_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 
             seqs[name] += new
         logits = model.step_paged(tokens=tokens, starts=starts, block_tables=[blocks[r] for r in rows])
         yield [list(seqs[r]) for r in rows], logits
+
+
+def play_context_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 5):
+    """Yield (row sequences, logits) for a paged session whose rows cross context buckets 32 -> 64 -> 256:
+    a row ending exactly on a bucket edge (32), then one past it; a sequence sharing the first four blocks of
+    a longer one while that one decodes in a larger bucket; and a preempted sequence prefilled again into new
+    blocks beside rows decoding far beyond it. Tokens are teacher-forced."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    seqs = {"a": tokens(31), "b": tokens(5)}
+    tables = {"a": list(range(1, 33)), "b": list(range(33, 65))}
+
+    def step(chunks: dict[str, list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+        rows = list(chunks)
+        starts = [len(seqs[r]) - len(chunks[r]) for r in rows]
+        logits = model.step_paged(
+            tokens=[chunks[r] for r in rows], starts=starts, block_tables=[tables[r] for r in rows]
+        )
+        return [list(seqs[r]) for r in rows], logits
+
+    def grow(*rows: str) -> dict[str, list[int]]:
+        for r in rows:
+            seqs[r] += tokens(1)
+        return {r: seqs[r][-1:] for r in rows}
+
+    yield step({"a": seqs["a"], "b": seqs["b"]})  # both within 32
+    yield step(grow("a", "b"))  # a ends exactly at 32: the 32 bucket
+    yield step(grow("a", "b"))  # a at 33: the 64 bucket
+    for _ in range(36):  # a crosses 64: the 256 bucket
+        yield step(grow("a", "b"))
+    seqs["c"], tables["c"] = seqs["a"][:32] + tokens(10), tables["a"][:4] + list(range(65, 93))
+    yield step({**grow("a", "b"), "c": seqs["c"][32:]})  # c reads a's first 4 blocks, written long ago
+    tables["b"] = list(range(93, 125))  # b preempted: recomputed into new blocks, prompt and outputs
+    yield step({**grow("a", "c"), "b": seqs["b"]})
+    for _ in range(3):
+        yield step(grow("a", "b", "c"))
 
 
 def load(model_dir: Path, tp_degree: int = 1, **overrides) -> NeuronQwen2ForCausalLM:

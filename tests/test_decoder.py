@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decoder_harness import CONFIG, load, play_chunked_session, play_session
+from decoder_harness import CONFIG, load, play_chunked_session, play_context_session, play_session
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2ForCausalLM
 
@@ -63,8 +63,8 @@ def test_chunked_prompts_mixed_with_decode_rows_match_hf(make_checkpoint, geomet
     errors = session_errors(model, model_dir, play_chunked_session)
     assert len(errors) == 8
     assert max(errors) < TOL, errors
-    kinds = {b.kind for b in model.padding.real}
-    assert kinds == {"prefill", "decode"}
+    # one graph call a step, decode rows riding along (logits are asked for, so no decode graph runs)
+    assert {b.kind for b in model.padding.real} == {"prefill"} and model.padding.graph_calls == 8
 
 
 def test_shared_prefix_blocks_give_the_logits_of_a_cold_run(tiny_qwen2):
@@ -98,13 +98,25 @@ def test_shared_prefix_blocks_give_the_logits_of_a_cold_run(tiny_qwen2):
             assert (a - b).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("in_graph_sampling", [True, False], ids=["decode_in_prefill", "decode_graphs"])
+def test_context_buckets_change_mid_session_and_stay_exact(tiny_qwen2, in_graph_sampling):
+    """Logits asked for: with in-graph sampling the decode steps run in the smallest prefill graph, without
+    it in the decode graphs; both pick each step's context bucket."""
+    model = load(tiny_qwen2, seq_len=256, context_lengths=[32, 64, 256], on_device_sampling=in_graph_sampling)
+    errors = session_errors(model, tiny_qwen2, play_context_session)
+    assert len(errors) == 44 and max(errors) < TOL, errors
+    assert {b.context for b in model.padding.real} == {32, 64, 256}
+    kinds = {b.kind for b in model.padding.real}
+    assert kinds == ({"prefill"} if in_graph_sampling else {"prefill", "decode"})
+
+
 def test_prompt_longer_than_the_largest_prefill_bucket_runs_in_several_calls(tiny_qwen2):
-    model = load(tiny_qwen2, max_num_batched_tokens=16, batch_size=2)  # prefill buckets up to 24
+    model = load(tiny_qwen2, max_num_batched_tokens=16, batch_size=2)  # prefill buckets up to 16
     hf = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
     prompt = torch.randint(0, 400, (60,), generator=torch.Generator().manual_seed(4)).tolist()
     logits = model.prefill([prompt], [1])
     assert (logits - hf_last_logits(hf, [prompt])).abs().max().item() < TOL
-    assert sum(model.padding.real.values()) == 60 and max(b.tokens for b in model.padding.real) == 24
+    assert sum(model.padding.real.values()) == 60 and max(b.tokens for b in model.padding.real) == 16
 
 
 @pytest.mark.parametrize("dtype,num_shards", [("bfloat16", 2), ("float16", 1)])
@@ -160,12 +172,12 @@ def test_decode_over_subset_leaves_other_slots_unchanged(tiny_qwen2):
 
 def test_buckets_smallest_fitting_and_clear_errors(tiny_qwen2):
     model = load(tiny_qwen2)
-    assert model.config.prefill_lengths == [8, 16, 24, 32, 48, 64, 88]  # 64 tokens + 3 part-filled tiles
+    assert model.config.prefill_lengths == [8, 16, 24, 32, 48, 64]  # up to the 64-token step budget
     model.prefill([[1] * 16, [2] * 17, [3] * 12], [0, 1, 2])
-    prefill = Bucket(4, 64, 64, False)  # 45 prompt tokens in tiles of 16 + 24 + 16: the 64 bucket
-    assert dict(model.padding.real) == {prefill: 45} and model.padding.padded[prefill] == 19
-    model.decode([1, 2], [16, 31], [0, 1])
-    assert Bucket(2, 0, 64, False) in model.padding.real
+    prefill = Bucket(4, 48, 64, False)  # 45 prompt tokens, packed end to end
+    assert dict(model.padding.real) == {prefill: 45} and model.padding.padded[prefill] == 3
+    model.decode([1, 2], [16, 31], [0, 1], sampling=torch.zeros(2, 4))
+    assert Bucket(2, 0, 64, True) in model.padding.real
     with pytest.raises(ValueError, match=r"positions 0..64 must lie in \[0, seq_len=64\)"):
         model.prefill([[1] * 65], [0])
     with pytest.raises(ValueError, match="seq_len=64"):
@@ -185,13 +197,13 @@ def test_step_packs_prompts_and_carries_decode_rows(tiny_qwen2):
     separate, mixed = load(tiny_qwen2), load(tiny_qwen2)
     for model in (separate, mixed):
         model.prefill([[5, 6, 7, 8], [9, 10]], [0, 1])
-    prompts = [[11] * 40, [12, 13, 14] * 10]  # 40 + 30 tokens: tiles of 40 + 32 in one 88-token call
+    prompts = [[11] * 40, [12, 13, 14] * 7]  # 40 + 21 tokens: one 64-token call
     want = torch.cat([separate.decode([20, 21], [4, 2], [0, 1]), separate.prefill(prompts, [2, 3])])
     got = mixed.step(
         input_ids=[20, 21], position_ids=[4, 2], seq_ids=[0, 1], prompts=prompts, prompt_seq_ids=[2, 3]
     )
     assert (got - want).abs().max().item() < 1e-4
-    assert mixed.padding.real[Bucket(4, 88, 64, False)] == 70
+    assert mixed.padding.real[Bucket(4, 64, 64, False)] == 61
     assert not any(b.kind == "decode" for b in mixed.padding.real), "the decode rows rode along"
     # and the caches agree: one more decode step over all four slots
     step = ([22, 23, 24, 25], [5, 3, 40, 30], [0, 1, 2, 3])
@@ -231,8 +243,8 @@ def test_strict_export_of_a_prefill_a_decode_and_a_score_bucket(tiny_qwen2):
     [
         (dict(batch_size=0), "batch_size: must be >= 1"),
         (dict(tp_degree=5), "tp_degree: 5 exceeds num_attention_heads=4"),
-        (dict(prefill_lengths=[16, 128]), "prefill_lengths: the largest bucket must be .*=88, got 128"),
-        (dict(prefill_lengths=[12, 88]), "prefill_lengths: must be positive multiples of 8"),
+        (dict(prefill_lengths=[16, 128]), "prefill_lengths: the largest bucket must be .*=64, got 128"),
+        (dict(prefill_lengths=[12, 64]), "prefill_lengths: must be positive multiples of 8"),
         (dict(context_lengths=[100]), "context_lengths: must be positive multiples of 8"),
         (dict(context_lengths=[32]), "context_lengths: the largest bucket must be seq_len .*=64, got 32"),
         (dict(block_size=12), r"block_size: 12 is not one of \(8, 16"),

@@ -50,7 +50,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "additional_config": {
                 "neuron_config": {
                     "on_device_sampling": False,
-                    "prefill_lengths": [32, 64],
+                    "prefill_lengths": [16, 40],
                     "decode_batch_sizes": [2, 4],
                     "context_lengths": [48, 128],
                 }
@@ -335,6 +335,40 @@ def test_preempted_requests_continue_with_the_same_tokens(make_checkpoint: Calla
         shutdown(large)
 
 
+def test_the_kv_pool_is_what_fits_the_memory_budget(
+    make_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --num-gpu-blocks-override the pool is what fits --gpu-memory-utilization of a rank's memory
+    beside its weights and graph scratch (here 3 full-length sequences' worth for 4 sequences), and paging
+    shares it: 4 concurrent full-length requests are preempted in turn and still give HF's greedy tokens."""
+    from vllm_neuron_qwen2 import placement
+    from vllm_neuron_qwen2.compile.buckets import all_buckets
+    from vllm_neuron_qwen2.compile.costs import core_memory
+    from vllm_neuron_qwen2.config import NeuronConfig, Qwen2Shape
+
+    model_dir = make_checkpoint()
+    shape = Qwen2Shape.from_pretrained(model_dir)
+    config = NeuronConfig(batch_size=SLOTS, seq_len=MAX_MODEL_LEN, max_num_batched_tokens=512).resolve(shape)
+    need = core_memory(shape, config, all_buckets(config))
+    block = need.pool // config.num_blocks
+    budget = need.weights + need.scratch + 3 * config.blocks_per_seq * block + block // 2
+    monkeypatch.setattr(placement, "memory_per_rank", lambda *_: (2 * budget, "a test's budget"))
+    llm = make_llm(model_dir, gpu_memory_utilization=0.5)
+    try:
+        assert (
+            llm.llm_engine.vllm_config.cache_config.num_gpu_blocks_override == 1 + 3 * config.blocks_per_seq
+        )
+        prompts = token_prompts(4, [60], tokenizer_vocab(llm), seed=9)
+        params = sampling(temperature=0.0, max_tokens=MAX_MODEL_LEN - 60, ignore_eos=True)
+        outputs = generate(llm, prompts, params)
+        assert metric(llm, "vllm:num_preemptions") > 0
+    finally:
+        shutdown(llm)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ids = prompt["prompt_token_ids"]
+        assert list(out.token_ids) == hf_logits(model_dir, ids, list(out.token_ids)).argmax(-1).tolist()
+
+
 def test_n_2(default_llm: tuple[Any, Path]) -> None:
     llm, _ = default_llm
     prompt = token_prompts(1, [12], tokenizer_vocab(llm), seed=3)
@@ -545,10 +579,11 @@ def test_bad_request_features_are_rejected(default_llm: tuple[Any, Path]) -> Non
         ({"use_sliding_window": True, "sliding_window": 32}, {}, "use_sliding_window"),
         ({}, {"additional_config": {"neuron_config": {"batch_size": 8}}}, "--max-num-seqs"),
         ({}, {"additional_config": {"neuron_config": {"no_such_field": 1}}}, "no_such_field"),
-        ({}, {"additional_config": {"neuron_config": {"prefill_lengths": [512]}}}, "prefill_lengths"),
+        ({}, {"additional_config": {"neuron_config": {"prefill_lengths": [256]}}}, "prefill_lengths"),
         ({}, {"block_size": 24}, "--block-size"),
         ({}, {"num_gpu_blocks_override": 3}, "--num-gpu-blocks-override"),
         ({}, {"dtype": "float16"}, "float16 is not supported on the cpu backend; use float32 or bfloat16"),
+        ({}, {"gpu_memory_utilization": 1e-6}, r"one sequence's KV cache takes .* lower --max-model-len"),
     ],
 )
 def test_startup_rejects_unsupported_configuration(

@@ -25,7 +25,13 @@ from bf16_errors import (  # noqa: E402
     token_errors,
     vllm_cpu_errors,
 )
-from decoder_harness import CONFIG, play_chunked_session, play_session  # noqa: E402
+from decoder_harness import (  # noqa: E402
+    CONFIG,
+    CONTEXTS,
+    play_chunked_session,
+    play_context_session,
+    play_session,
+)
 
 from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM  # noqa: E402
 from vllm_neuron_qwen2.compile.buckets import all_buckets  # noqa: E402
@@ -74,6 +80,10 @@ def play_paged_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 2)
 
 
 SESSIONS = {"slots": play_session, "chunks": play_chunked_session, "paged": play_paged_session}
+# name -> (session, its config): the context session crosses the buckets of 32, 64 and 256 positions
+FLOAT32_SESSIONS = {name: (play, FLOAT32) for name, play in SESSIONS.items()} | {
+    "contexts": (play_context_session, NeuronConfig(**CONFIG | CONTEXTS, dtype="float32"))
+}
 
 
 def calls(session: Callable, model: NeuronQwen2ForCausalLM) -> Iterator[torch.Tensor]:
@@ -81,11 +91,12 @@ def calls(session: Callable, model: NeuronQwen2ForCausalLM) -> Iterator[torch.Te
         yield call[1] if isinstance(call, tuple) else call
 
 
-@pytest.mark.parametrize("name", SESSIONS)
+@pytest.mark.parametrize("name", FLOAT32_SESSIONS)
 def test_float32_logits_equal_the_cpu_backend(tiny_qwen2: Path, name: str) -> None:
-    xla = xla_graphs.load(tiny_qwen2, FLOAT32)
-    cpu = NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, FLOAT32)
-    pairs = list(zip(calls(SESSIONS[name], xla), calls(SESSIONS[name], cpu), strict=True))
+    session, config = FLOAT32_SESSIONS[name]
+    xla = xla_graphs.load(tiny_qwen2, config)
+    cpu = NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, config)
+    pairs = list(zip(calls(session, xla), calls(session, cpu), strict=True))
     assert len(pairs) > 5
     for i, (got, want) in enumerate(pairs):
         assert got.shape == want.shape

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import active_backend
 from .compile import artifacts
 from .compile.buckets import all_buckets, describe
+from .compile.costs import RankShape, blocks_that_fit, core_memory, traffic
 from .config import (
     BACKENDS,
     BLOCK_SIZES,
@@ -42,9 +43,21 @@ from .model.checkpoint import load_checkpoint
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
 from .modeling import NeuronQwen2ForCausalLM
+from .placement import DEFAULT_CORE_MEMORY_GIB
 from .vllm_cli import run_vllm_cli
 
 MODEL_FILE_SUFFIXES = (".json", ".txt", ".jinja", ".model")  # configs and tokenizer files, not weights
+MB, GIB = 1e6, 1 << 30
+WIDTHS = (10, 10, 22, 12, 10)
+UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization
+LADDER_REASONS = (
+    "Why this ladder: a step runs the graph of the smallest context covering its longest row, so attention "
+    "and K/V traffic follow the real contexts (at most 4x them: contexts step by 4x from 512 to keep the "
+    "graph count low at 32k). Decode rows step by 2x (decode streams the weights, so a padded row costs "
+    "little). Prefill sizes step by 1.5x at the smallest context, where short chunks and chat turns run; "
+    "beyond it, where attention dominates and chunks are mostly a long prompt's, three sizes: the smallest "
+    "(host-sampled decode rows), a quarter and the whole step."
+)
 
 
 def compile_servable(model_dir: str | Path, config: NeuronConfig, out: str | Path) -> Path:
@@ -144,16 +157,44 @@ def _config(args: argparse.Namespace) -> NeuronConfig:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    config = _config(args).resolve(Qwen2Shape.from_pretrained(args.model))
+    shape = Qwen2Shape.from_pretrained(args.model)
+    config = _config(args).resolve(shape)
     buckets = all_buckets(config)
+    rank = RankShape.of(shape, config)
     print(
         f"{args.model}: up to {config.batch_size} sequences x {config.seq_len} tokens, "
         f"{config.max_num_batched_tokens} tokens per step, KV pool {config.num_blocks} blocks of "
         f"{config.block_size}, backend {config.backend}, {config.dtype}, tp_degree {config.tp_degree}"
     )
+    columns = ("weights", "K/V read", "K/V gathered+written", "logits out", "total")
+    print(f"  {'bucket graph':<30}" + "".join(f"{c:>{w}}" for c, w in zip(columns, WIDTHS, strict=True))
+          + "   (MB moved per call on one NeuronCore)")  # fmt: skip
     for bucket in buckets:
-        print(f"  {bucket}")
+        t = traffic(bucket, rank, config.block_size)
+        figures = (t.weights, t.kv_read, t.kv_written, t.logits, t.total)
+        print(
+            f"  {str(bucket):<30}"
+            + "".join(f"{f / MB:>{w}.1f}" for f, w in zip(figures, WIDTHS, strict=True))
+        )
     print(describe(buckets).split(": ", 1)[1])
+    print(LADDER_REASONS)
+    memory = core_memory(shape, config, buckets)
+    sequences = (config.num_blocks - 1) / config.blocks_per_seq
+    print(
+        f"per NeuronCore: weights {memory.weights / GIB:.2f} GiB, KV pool {memory.pool / GIB:.2f} GiB "
+        f"({sequences:.1f} full-length sequences), graph scratch {memory.scratch / GIB:.2f} GiB (estimate): "
+        f"{memory.total / GIB:.2f} GiB of {args.memory_per_core:g} GiB"
+    )
+    budget = args.memory_per_core * GIB
+    print(
+        f"full-length sequences whose KV fits beside the rest in {UTILIZATION:.0%} of "
+        f"{args.memory_per_core:g} GiB per NeuronCore:"
+    )
+    for length in sorted({2048, 8192, 32768, config.seq_len}):
+        if length <= shape.max_position_embeddings:
+            fitted = dataclasses.replace(_config(args), seq_len=length).resolve(shape)
+            blocks = blocks_that_fit(shape, fitted, all_buckets(fitted), budget, UTILIZATION)
+            print(f"  --max-model-len {length}: {blocks // fitted.blocks_per_seq}")
     print(f"{len(buckets)} graphs")
 
 
@@ -217,6 +258,10 @@ def _parser() -> argparse.ArgumentParser:
         "plan", help="list the bucket graphs a configuration would build (compiles nothing)"
     )
     _add_shape_options(p)
+    p.add_argument(
+        "--memory-per-core", type=float, default=DEFAULT_CORE_MEMORY_GIB, metavar="GIB",
+        help=f"device memory of one NeuronCore in GiB (default {DEFAULT_CORE_MEMORY_GIB:g}: inf2 and trn1)",
+    )  # fmt: skip
     p.set_defaults(run=_plan)
     c = commands.add_parser("compile", help="compile the bucket graphs of a Qwen2 checkpoint into a folder")
     _add_shape_options(c)

@@ -78,25 +78,35 @@ class Qwen2Shape:
         return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
-def _ladder(smallest: int, largest: int, multiple: int = 1, halves: bool = True) -> list[int]:
-    """The powers of two (and, with `halves`, 1.5x them) in [smallest, largest) that are multiples of
-    `multiple`, then `largest`.
-
-    Steps of at most 1.5x (2x) cap padding at a third (a half) of a bucket, while the number of graphs
-    grows only logarithmically.
-    """
+def _ladder(smallest: int, largest: int, multiple: int) -> list[int]:
+    """The powers of two and 1.5x them in [smallest, largest) that are multiples of `multiple`, then
+    `largest`: steps of at most 1.5x cap padding at a third of a bucket, while the number of graphs grows
+    only logarithmically."""
     sizes, p = set(), 1
     while p < largest:
-        sizes.update(
-            s for s in (p, p * 3 // 2 if halves else p) if smallest <= s < largest and s % multiple == 0
-        )
+        sizes.update(s for s in (p, p * 3 // 2) if smallest <= s < largest and s % multiple == 0)
         p *= 2
     return sorted(sizes) + [largest]
 
 
+def _context_ladder(smallest: int, largest: int) -> list[int]:
+    """`smallest`, 4x it, 16x it, ... below `largest`, half of `largest` (a typical context: sequences half
+    way to their end attend no more than they need) once that is 4x `smallest`, and `largest`: few graphs
+    even at 32k, and a step attends at most 4x the context it needs."""
+    sizes, c = {largest}, smallest
+    while c < largest:
+        sizes.add(c)
+        c *= 4
+    if largest // 2 >= 4 * smallest:
+        sizes.add(largest // 2)
+    return sorted(sizes)
+
+
 BUCKET_FIELDS = ("prefill_lengths", "decode_batch_sizes", "context_lengths")
-# Prefill tokens are laid out in tiles of this many queries; each tile attends to its own sequence's blocks.
-PREFILL_TILE = 8
+# Prefill graphs take multiples of this many prompt tokens (the smallest prefill graph).
+PREFILL_STEP = 8
+# The smallest context bucket by default: below it, attention is small next to streaming the weights.
+SMALLEST_CONTEXT = 512
 BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
@@ -119,9 +129,9 @@ class NeuronConfig:
         None  # KV-cache blocks incl. block 0 (padding); default: batch_size full sequences
     )
     max_num_batched_tokens: int | None = None  # tokens per step (vLLM's); default min(seq_len, 512)
-    prefill_lengths: list[int] | None = None  # prompt tokens per prefill graph (multiples of PREFILL_TILE)
+    prefill_lengths: list[int] | None = None  # prompt tokens per prefill graph (multiples of PREFILL_STEP)
     decode_batch_sizes: list[int] | None = None  # rows per decode graph
-    context_lengths: list[int] | None = None  # KV positions a row attends (multiples of block_size)
+    context_lengths: list[int] | None = None  # longest row a graph attends (multiples of block_size)
     on_device_sampling: bool = True  # greedy/temperature/top-k/top-p inside the decode graphs
     max_topk: int = 256  # top-k bound of the in-graph sampler (as on Neuron)
     compile_mode: str = "eager"  # cpu backend: run graphs eagerly or through torch.compile
@@ -201,8 +211,8 @@ class NeuronConfig:
         _require(budget >= 1, "max_num_batched_tokens", f"must be >= 1, got {budget}")
         _require(self.max_topk >= 1, "max_topk", f"must be >= 1, got {self.max_topk}")
         context = blocks_per_seq * self.block_size
-        # A step's chunks fit one prefill graph even when each ends in a part-filled tile.
-        prefill_tokens = pad_to_multiple(budget, PREFILL_TILE) + (self.batch_size - 1) * PREFILL_TILE
+        prefill_tokens = pad_to_multiple(budget, PREFILL_STEP)
+        smallest_context = min(pad_to_multiple(SMALLEST_CONTEXT, self.block_size), context)
         return dataclasses.replace(
             self,
             seq_len=seq_len,
@@ -211,23 +221,23 @@ class NeuronConfig:
             max_num_batched_tokens=budget,
             prefill_lengths=_buckets(
                 "prefill_lengths",
-                self.prefill_lengths or _ladder(PREFILL_TILE, prefill_tokens, PREFILL_TILE),
+                self.prefill_lengths or _ladder(PREFILL_STEP, prefill_tokens, PREFILL_STEP),
                 prefill_tokens,
-                "max_num_batched_tokens plus tile padding",
-                PREFILL_TILE,
+                f"max_num_batched_tokens rounded up to {PREFILL_STEP}",
+                PREFILL_STEP,
             ),
-            # powers of two: decode steps mostly run full, so finer sizes would buy little padding
+            # a lone sequence, half and all: decode streams the weights, so a padded row costs little
             decode_batch_sizes=_buckets(
                 "decode_batch_sizes",
-                self.decode_batch_sizes or _ladder(1, self.batch_size, halves=False),
+                self.decode_batch_sizes or sorted({1, max(1, self.batch_size // 2), self.batch_size}),
                 self.batch_size,
                 "batch_size",
                 1,
             ),
-            # one length by default: a decode row's attention is small next to streaming the weights
+            # each step attends the smallest that covers its longest row
             context_lengths=_buckets(
                 "context_lengths",
-                self.context_lengths or [context],
+                self.context_lengths or _context_ladder(smallest_context, context),
                 context,
                 "seq_len rounded up to a block",
                 self.block_size,

@@ -24,9 +24,9 @@ import torch
 
 from .compile import artifacts
 from .compile.backend import build_graphs
-from .compile.buckets import Bucket, all_buckets, describe, smallest_fitting
+from .compile.buckets import Bucket, all_buckets, describe, smallest_fitting, smallest_prefill
 from .compile.cpu import has_bf16_units
-from .config import PREFILL_TILE, NeuronConfig, Qwen2Shape
+from .config import NeuronConfig, Qwen2Shape
 from .model.kv_cache import PADDING_BLOCK
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
@@ -174,9 +174,11 @@ class NeuronQwen2ForCausalLM:
         Returns the logits of each row's last token [rows, vocab], or, with `sampling` [rows, 4]
         (temperature, top_k, top_p, uniform draw; see model/sampling.py), sampled token ids [rows].
 
-        One-token rows run in a decode graph. Rows of several tokens (prompt chunks) are packed end to end,
-        in tiles of PREFILL_TILE, into a prefill graph that also carries the one-token rows, so a step
-        streams the weights once; rows longer than the largest prefill bucket continue in further calls.
+        One-token rows run in a decode graph. Rows of several tokens (prompt chunks) are packed end to end
+        into a prefill graph that also carries the one-token rows, so a step streams the weights once (so do
+        one-token rows whose logits are asked for when the decode graphs sample); chunks beyond the largest
+        prefill bucket continue in further calls. Each graph attends the smallest context bucket that covers
+        the step's longest row.
         """
         self._check_paged(tokens, starts, block_tables, sampling)
         cfg = self.config
@@ -185,21 +187,29 @@ class NeuronQwen2ForCausalLM:
         ]
         singles = [row for row in rows if len(row.tokens) == 1]
         chunks = [row for row in rows if len(row.tokens) > 1]
-        if not chunks:  # at most batch_size rows within seq_len: the largest decode bucket fits
+        if not chunks and (sampling is not None or not cfg.on_device_sampling):  # a decode graph
             batch = smallest_fitting(
                 cfg.decode_batch_sizes, len(singles), "decode rows", "decode_batch_sizes"
             )
             context = smallest_fitting(
                 cfg.context_lengths, max(r.end for r in singles), "context", "context_lengths"
             )
-            result, _ = self._run(Bucket(batch, 0, context, sampling is not None), singles, [], sampling)
+            bucket = Bucket(batch, 0, context, cfg.on_device_sampling)
+            result, _ = self._run(bucket, singles, [], sampling)
             return result[: len(rows)]  # every row is a single, in order
+        prefill = [b for b in self.graphs if b.kind == "prefill"]
+        most_keys = max(b.key_blocks(cfg.block_size) for b in prefill)
         out: list[torch.Tensor | None] = [None] * len(rows)
-        for call, pieces in enumerate(_pack(chunks, cfg.prefill_lengths[-1])):
-            used = sum(math.ceil(len(p.tokens) / PREFILL_TILE) * PREFILL_TILE for p in pieces)
-            length = smallest_fitting(cfg.prefill_lengths, used, "prefill tokens", "prefill_lengths")
-            bucket = Bucket(cfg.batch_size, length, cfg.context_lengths[-1], False)
-            result, placed = self._run(bucket, singles if call == 0 else [], pieces, None)
+        for call, pieces in enumerate(_pack(chunks, cfg.prefill_lengths[-1], most_keys, cfg.block_size)):
+            call_singles = singles if call == 0 else []
+            bucket = smallest_prefill(
+                prefill,
+                tokens=sum(len(p.tokens) for p in pieces),
+                context=max(r.end for r in [*call_singles, *pieces]),
+                key_blocks=len(_key_blocks(pieces, cfg.block_size)),
+                block_size=cfg.block_size,
+            )
+            result, placed = self._run(bucket, call_singles, pieces, None)
             for j, row in enumerate(row for row, _ in placed if row.last):
                 out[row.index] = result[j]
         logits = torch.stack(out)
@@ -211,14 +221,15 @@ class NeuronQwen2ForCausalLM:
     ) -> list[torch.Tensor]:
         """Like `step_paged` without sampling, but returns the logits of every token of each row: a
         [len(tokens[r]), vocab] tensor per row (prompt logprobs). Runs in the score graph, in as many calls
-        as the rows' tiles need."""
+        as the rows' tokens need."""
         self._check_paged(tokens, starts, block_tables, None)
         (bucket,) = [b for b in self.graphs if b.scores]
         rows = [
             _Row(r, list(t), s, block_tables[r]) for r, (t, s) in enumerate(zip(tokens, starts, strict=True))
         ]
         out: list[list[torch.Tensor]] = [[] for _ in rows]
-        for pieces in _pack(rows, bucket.tokens):
+        bs = self.config.block_size
+        for pieces in _pack(rows, bucket.tokens, bucket.key_blocks(bs), bs):
             result, placed = self._run(bucket, [], pieces, None)
             for piece, first in placed:
                 out[piece.index].append(result[first : first + len(piece.tokens)])
@@ -227,34 +238,41 @@ class NeuronQwen2ForCausalLM:
     def _run(
         self, bucket: Bucket, singles: list[_Row], pieces: list[_Row], sampling: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[tuple[_Row, int]]]:
-        """Run one bucket graph over one-token rows and tiled prompt pieces, padded to the bucket's shapes
-        (padding writes into block 0). Returns the graph's result, one row per row that ends in this call
-        (or, for a score bucket, per token), and where each row's tokens were placed."""
+        """Run one bucket graph over one-token rows and prompt pieces, padded to the bucket's shapes (padding
+        tokens write into block 0 and read it). Returns the graph's result, one row per row that ends in
+        this call (or, for a score bucket, per token), and where each row's tokens were placed."""
         bs, width = self.config.block_size, bucket.context // self.config.block_size
-        ids, positions, slots, tables, logit_index, placed = [], [], [], [], [], []
+        ids, positions, slots, placed = [], [], [], []
 
-        def add(row: _Row, n_tokens: int, n_tables: int) -> None:
+        def place(row: _Row, pad_to: int) -> None:
             placed.append((row, len(ids)))
             ids.extend(row.tokens)
             positions.extend(range(row.start, row.end))
             slots.extend(row.blocks[p // bs] * bs + p % bs for p in range(row.start, row.end))
-            pad = n_tokens - len(row.tokens)
+            pad = pad_to - len(ids)
             ids.extend([0] * pad)
             positions.extend([0] * pad)
-            slots.extend([0] * pad)
-            table = [*row.blocks[:width], *[PADDING_BLOCK] * (width - len(row.blocks))]
-            tables.extend([table] * n_tables)
+            slots.extend([PADDING_BLOCK * bs] * pad)
 
+        tables = [[*r.blocks[:width], *[PADDING_BLOCK] * (width - len(r.blocks))] for r in singles]
+        tables += [[PADDING_BLOCK] * width] * (bucket.block_table_rows() - len(singles))
         for row in singles:
-            add(row, 1, 1)
-        padding_row = _Row(-1, [], 0, [], last=False)
-        for _ in range(bucket.rows - len(singles)):
-            add(padding_row, 1, 1)
+            place(row, len(ids) + 1)
+        place(_Row(-1, [], 0, []), bucket.rows)  # padding rows
+        # The chunks' key blocks, each once (the padding block first: padding tokens read it) and which
+        # tokens may read each.
+        keys = _key_blocks(pieces, bs)
+        column = {block: i for i, block in enumerate(keys)}
+        visible = torch.zeros(max(bucket.tokens, 1), bucket.key_blocks(bs), dtype=torch.bool)
+        visible[:, 0] = True
         for piece in pieces:
-            n_tiles = math.ceil(len(piece.tokens) / PREFILL_TILE)
-            add(piece, n_tiles * PREFILL_TILE, n_tiles)
-        for _ in range((bucket.rows + bucket.tokens - len(ids)) // PREFILL_TILE):
-            add(padding_row, PREFILL_TILE, 1)
+            first = len(ids) - bucket.rows
+            place(piece, len(ids) + len(piece.tokens))
+            visible[first : first + len(piece.tokens), 0] = False
+            visible[first : first + len(piece.tokens), [column[b] for b in piece.key_blocks(bs)]] = True
+        place(_Row(-1, [], 0, []), bucket.rows + bucket.tokens)  # padding tokens
+        key_blocks = _padded(list(keys), bucket.key_blocks(bs), PADDING_BLOCK)
+        key_starts = _padded(list(keys.values()), bucket.key_blocks(bs), 0)
 
         placed = [(row, first) for row, first in placed if row.index >= 0]
         if bucket.scores:
@@ -270,12 +288,15 @@ class NeuronQwen2ForCausalLM:
             torch.tensor(positions),
             torch.tensor(slots),
             torch.tensor(tables),
+            torch.tensor(key_blocks),
+            torch.tensor(key_starts) * bs,
+            visible,
             torch.tensor(_padded(logit_index, bucket.logit_rows(), 0)),
             params,
         )
         self.padding.graph_seconds += time.perf_counter() - began
         self.padding.graph_calls += 1
-        self.padding.add(bucket, sum(len(p.tokens) for p in pieces) if pieces else len(singles))
+        self.padding.add(bucket, sum(len(p.tokens) for p in pieces) if bucket.tokens else len(singles))
         return result, placed
 
     def _check_paged(self, tokens, starts, block_tables, sampling) -> None:
@@ -323,26 +344,47 @@ class _Row:
     def end(self) -> int:
         return self.start + len(self.tokens)
 
+    def key_blocks(self, block_size: int) -> Sequence[int]:
+        """The blocks its tokens attend: its sequence's, up to its last token."""
+        return self.blocks[: math.ceil(self.end / block_size)]
+
 
 def _padded(values: list[int], size: int, fill: int) -> list[int]:
     return [*values, *[fill] * (size - len(values))]
 
 
-def _pack(chunks: list[_Row], capacity: int) -> list[list[_Row]]:
-    """Split the chunks, in order, into calls of at most `capacity` tile-padded tokens; a chunk that does
-    not fit in what is left of a call continues in the next one."""
+def _key_blocks(pieces: list[_Row], block_size: int) -> dict[int, int]:
+    """The key blocks of a call's prompt pieces, each once, in order, the padding block first: block id ->
+    its index in its sequence (shared prefix blocks have the same one in every sequence)."""
+    keys = {PADDING_BLOCK: 0}
+    for piece in pieces:
+        for i, block in enumerate(piece.key_blocks(block_size)):
+            keys.setdefault(block, i)
+    return keys
+
+
+def _pack(
+    chunks: list[_Row], tokens_per_call: int, blocks_per_call: int, block_size: int
+) -> list[list[_Row]]:
+    """Split the chunks, in order, into calls of at most `tokens_per_call` tokens that attend at most
+    `blocks_per_call` key blocks; a chunk that does not fit what is left of a call continues in the next."""
     calls: list[list[_Row]] = [[]]
-    free = capacity
+    free = tokens_per_call
     for chunk in chunks:
         at = 0
         while at < len(chunk.tokens):
-            if free < PREFILL_TILE:
-                calls.append([])
-                free = capacity
             take = min(len(chunk.tokens) - at, free)
             end = at + take
-            last = end == len(chunk.tokens)
-            calls[-1].append(_Row(chunk.index, chunk.tokens[at:end], chunk.start + at, chunk.blocks, last))
-            free -= math.ceil(take / PREFILL_TILE) * PREFILL_TILE
-            at = end
+            piece = _Row(
+                chunk.index, chunk.tokens[at:end], chunk.start + at, chunk.blocks, end == len(chunk.tokens)
+            )
+            if take and len(_key_blocks([*calls[-1], piece], block_size)) <= blocks_per_call:
+                calls[-1].append(piece)
+                free -= take
+                at = end
+            elif calls[-1]:
+                calls.append([])
+                free = tokens_per_call
+            else:
+                raise ValueError(f"a prompt piece needs more than {blocks_per_call} key blocks")
     return calls

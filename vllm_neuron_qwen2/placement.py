@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
 # Rank processes on this host (local DP ranks x TP), set by the platform before vLLM spawns them.
 HOST_RANKS_ENV = "VLLM_NEURON_QWEN2_HOST_RANKS"
+# A NeuronCore's memory in GiB (inf2 and trn1: 32 GiB per chip of two cores).
+CORE_MEMORY_ENV = "VLLM_NEURON_QWEN2_CORE_MEMORY_GIB"
+DEFAULT_CORE_MEMORY_GIB = 16.0
 # OMP_NUM_THREADS as the user set it ("" when unset), recorded before vLLM sets it for its own processes.
 USER_THREADS_ENV = "VLLM_NEURON_QWEN2_USER_OMP_NUM_THREADS"
 
@@ -69,6 +72,19 @@ def physical_core(logical: int) -> int:
     """The NeuronCore behind this host's logical core `logical` (DP rank r gets r*T .. r*T+T-1)."""
     cores = visible_cores()
     return logical if cores is None else cores[logical]
+
+
+def memory_per_rank(backend: str, tp: int) -> tuple[int, str]:
+    """Device memory one rank may use, in bytes, and where the figure comes from: a NeuronCore's
+    (VLLM_NEURON_QWEN2_CORE_MEMORY_GIB, default 16: inf2 and trn1), or on cpu the host's available memory
+    shared by this host's rank processes."""
+    if backend == "neuron":
+        gib = float(os.environ.get(CORE_MEMORY_ENV, DEFAULT_CORE_MEMORY_GIB))
+        return int(gib * (1 << 30)), f"one NeuronCore, {CORE_MEMORY_ENV}"
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    ranks = int(os.environ.get(HOST_RANKS_ENV, tp))
+    return available // ranks, f"available host memory / {ranks} rank processes"
 
 
 def check_core_budget(local_dp_ranks: int, tp: int) -> None:

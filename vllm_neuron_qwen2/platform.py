@@ -127,6 +127,43 @@ def served_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
         ) from e
 
 
+def kv_pool_blocks(vllm_config: VllmConfig) -> int:
+    """The KV pool, in blocks (block 0 included), when --num-gpu-blocks-override is not given: what fits
+    --gpu-memory-utilization of one NeuronCore's memory (the cpu backend: of the host's available memory per
+    rank process) beside the rank's weights and its largest graph's scratch, up to --max-num-seqs full-length
+    sequences. Paging shares it: long contexts take blocks as they grow, rather than each reserving
+    --max-model-len. Fails naming the figures when not even one full-length sequence fits."""
+    from .compile.buckets import all_buckets
+    from .compile.costs import blocks_that_fit, core_memory
+    from .config import ConfigError, Qwen2Shape
+
+    config = served_neuron_config(vllm_config)  # the pool at its largest: max_num_seqs full sequences
+    shape = Qwen2Shape.from_dict(vllm_config.model_config.hf_config.to_dict())
+    memory, where = placement.memory_per_rank(config.backend, config.tp_degree)
+    utilization = vllm_config.cache_config.gpu_memory_utilization
+    buckets = all_buckets(config)
+    fits = blocks_that_fit(shape, config, buckets, memory, utilization)
+    blocks = min(fits, config.num_blocks - 1)
+    need = core_memory(shape, config, buckets)
+    gib, block = 1 << 30, need.pool / config.num_blocks
+    if blocks < config.blocks_per_seq:
+        raise ConfigError(
+            f"--max-model-len {config.seq_len}: one sequence's KV cache takes "
+            f"{config.blocks_per_seq * block / gib:.3g} GiB per rank, but of --gpu-memory-utilization "
+            f"{utilization} x {memory / gib:.3g} GiB ({where}) the weights take {need.weights / gib:.3g} "
+            f"GiB and the graphs' scratch about {need.scratch / gib:.3g} GiB; lower --max-model-len, raise "
+            "--tensor-parallel-size or --gpu-memory-utilization"
+        )
+    logger.info(
+        "vllm-neuron-qwen2: KV pool of %d blocks (%.1f full-length sequences, %.2f GiB per rank): what fits "
+        "%.0f%% of %.1f GiB (%s) beside %.2f GiB of weights and %.2f GiB of graph scratch, up to "
+        "--max-num-seqs %d full-length sequences",
+        1 + blocks, blocks / config.blocks_per_seq, blocks * block / gib, 100 * utilization, memory / gib,
+        where, need.weights / gib, need.scratch / gib, config.batch_size,
+    )  # fmt: skip
+    return 1 + blocks
+
+
 def _reject_unsupported(vllm_config: VllmConfig) -> None:
     # Pipeline parallelism needs no check: vLLM rejects it for model classes without SupportsPP.
     mc = vllm_config.model_config
@@ -361,6 +398,8 @@ class NeuronQwen2Platform(Platform):
         if not vllm_compat.block_size_given(cc):
             cc.block_size = DEFAULT_BLOCK_SIZE
         fit_to_compiled_folder(vllm_config)
+        if cc.num_gpu_blocks_override is None:
+            cc.num_gpu_blocks_override = kv_pool_blocks(vllm_config)
         served = served_neuron_config(vllm_config)
         cls._vocab_size = mc.get_vocab_size()
 

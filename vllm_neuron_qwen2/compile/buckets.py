@@ -1,19 +1,24 @@
-"""Buckets: the static shapes graphs are built for, and the choice of the smallest one that fits."""
+"""Buckets: the static shapes graphs are built for, and the choice of the smallest one that fits a step."""
 
 from __future__ import annotations
 
 import bisect
+import math
 from typing import NamedTuple
 
-from ..config import PREFILL_TILE, NeuronConfig
+from ..config import NeuronConfig
 
 SCORE_TOKENS = 128
+# Beyond the smallest context, prefill graphs come in three sizes only: steps there are mostly whole chunks of
+# a long prompt (the largest size), its last piece or a chat turn (a quarter), or host-sampled decode rows
+# (the smallest). Attention dominates at long contexts, so the context bucket matters more than the tokens.
+LONG_CONTEXT_PREFILL_SIZES = 3
 
 
 class Bucket(NamedTuple):
-    rows: int  # one-token rows (decode steps), which are also the rows of logits out
-    tokens: int  # prompt-chunk tokens, in tiles of PREFILL_TILE (0: a decode graph)
-    context: int  # KV positions every row and tile attends to
+    rows: int  # one-token rows (decode steps), each attending its own blocks; also the rows of logits out
+    tokens: int  # prompt-chunk tokens (0: a decode graph), attending the step's key blocks
+    context: int  # KV positions a one-token row attends: its block table's width x block_size
     sample: bool  # sample in the graph (token ids out) instead of returning logits
     scores: bool = False  # logits of every token (prompt logprobs), not of each row's last one
 
@@ -28,33 +33,53 @@ class Bucket(NamedTuple):
         return f"{self.kind}[{shape}x{self.context}{'+sample' if self.sample else ''}]"
 
     def block_table_rows(self) -> int:
-        return self.rows + self.tokens // PREFILL_TILE
+        """Rows of the block_tables input (one, unused, in a score graph, which has no one-token rows)."""
+        return max(self.rows, 1)
+
+    def key_blocks(self, block_size: int) -> int:
+        """Capacity of the key_blocks input: the padding block, then the blocks of the step's chunk sequences,
+        each once. Enough for one chunk continuing a context of up to `context` positions plus `tokens` new
+        ones, or for several chunks that share their prefix blocks (one unused block in a decode graph)."""
+        if not self.tokens:
+            return 1
+        return 1 + self.context // block_size + math.ceil(self.tokens / block_size)
 
     def logit_rows(self) -> int:
         return self.tokens if self.scores else self.rows
 
 
+def long_context_prefill_lengths(prefill_lengths: list[int]) -> list[int]:
+    """The prefill sizes compiled beyond the smallest context: the smallest, the one nearest a quarter of the
+    largest, and the largest."""
+    quarter = prefill_lengths[min(bisect.bisect_left(prefill_lengths, prefill_lengths[-1] // 4),
+                                  len(prefill_lengths) - 1)]  # fmt: skip
+    return sorted({prefill_lengths[0], quarter, prefill_lengths[-1]})
+
+
 def all_buckets(config: NeuronConfig) -> list[Bucket]:
     """Every graph a model with this config may run, decode first (the hot path).
 
-    Decode graphs come in a logits and an in-graph-sampling variant. A prefill graph carries `batch_size`
-    one-token rows (any step has at most that many sequences), attends to the longest context, and
-    returns logits: prefill steps are few and compute-bound, so sampling them on the host costs nothing
-    that a second graph per size would save. One score graph returns the logits of every token of up to
-    SCORE_TOKENS prompt tokens, for the requests that ask for prompt logprobs (longer prompts take
-    several calls).
+    Decode graphs sample in the graph when on_device_sampling is on (else they return logits); a decode step
+    with rows sampled on the host runs in the smallest prefill graph instead. A prefill graph carries
+    `batch_size` one-token rows (any step has at most that many sequences) and returns logits: prefill steps
+    are few and compute-bound, so sampling them on the host costs nothing a second graph per size would save.
+    Every context length has decode graphs of every row count, and prefill graphs of every size at the
+    smallest context, of LONG_CONTEXT_PREFILL_SIZES sizes beyond it. One score graph returns the logits of
+    every token of up to SCORE_TOKENS prompt tokens at the longest context, for prompt logprobs.
     """
-    samples = (False, True) if config.on_device_sampling else (False,)
     decode = [
-        Bucket(rows, 0, context, s)
-        for rows in config.decode_batch_sizes
+        Bucket(rows, 0, context, config.on_device_sampling)
         for context in config.context_lengths
-        for s in samples
+        for rows in config.decode_batch_sizes
     ]
+    long_sizes = long_context_prefill_lengths(config.prefill_lengths)
     prefill = [
-        Bucket(config.batch_size, t, config.context_lengths[-1], False) for t in config.prefill_lengths
+        Bucket(config.batch_size, tokens, context, False)
+        for i, context in enumerate(config.context_lengths)
+        for tokens in (config.prefill_lengths if i == 0 else long_sizes)
     ]
-    score = Bucket(0, min(SCORE_TOKENS, config.prefill_lengths[-1]), config.context_lengths[-1], False, True)
+    score_tokens = min(SCORE_TOKENS, config.prefill_lengths[-1])
+    score = Bucket(0, score_tokens, config.context_lengths[-1], False, True)
     return decode + prefill + [score]
 
 
@@ -69,16 +94,17 @@ def describe(buckets: list[Bucket]) -> str:
 
     parts = []
     if decode:
-        variants = "logits and in-graph sampling" if any(b.sample for b in decode) else "logits"
+        variant = "in-graph sampling" if decode[0].sample else "logits"
         parts.append(
             f"{len(decode)} decode (rows {sizes({b.rows for b in decode})} x context "
-            f"{sizes({b.context for b in decode})}, {variants})"
+            f"{sizes({b.context for b in decode})}, {variant})"
         )
     if prefill:
-        parts.append(
-            f"{len(prefill)} prefill (prompt tokens {sizes({b.tokens for b in prefill})} + "
-            f"{prefill[0].rows} rows x context {prefill[0].context})"
-        )
+        by_context = {}
+        for b in prefill:
+            by_context.setdefault(b.context, set()).add(b.tokens)
+        ladders = "; ".join(f"context {c}: {sizes(t)}" for c, t in by_context.items())
+        parts.append(f"{len(prefill)} prefill (prompt tokens + {prefill[0].rows} rows, {ladders})")
     if score:
         parts.append(f"{len(score)} score ({score[0].tokens} prompt tokens, for prompt logprobs)")
     return f"{len(buckets)} bucket graphs: " + ", ".join(parts)
@@ -92,3 +118,24 @@ def smallest_fitting(sizes: list[int], needed: int, what: str, field: str) -> in
             f"{what} {needed} exceeds the largest bucket {sizes[-1]} (neuron_config.{field}={sizes})"
         )
     return sizes[i]
+
+
+def smallest_prefill(
+    buckets: list[Bucket], tokens: int, context: int, key_blocks: int, block_size: int
+) -> Bucket:
+    """The prefill bucket of the smallest context, then the fewest tokens, that fits a step of `tokens`
+    prompt tokens, rows attending up to `context` positions and `key_blocks` key blocks."""
+    fitting = [
+        b
+        for b in buckets
+        if b.kind == "prefill"
+        and b.tokens >= tokens
+        and b.context >= context
+        and b.key_blocks(block_size) >= key_blocks
+    ]
+    if not fitting:
+        raise ValueError(
+            f"no prefill graph fits {tokens} prompt tokens, a context of {context} and {key_blocks} key "
+            f"blocks (neuron_config.prefill_lengths and context_lengths)"
+        )
+    return min(fitting, key=lambda b: (b.context, b.tokens))

@@ -59,8 +59,9 @@ class StatefulGraph(BucketGraph):
     sampling and logits variants share every other shape, so the route's length names the bucket.
     """
 
-    def forward(self, input_ids, position_ids, slot_mapping, block_tables, logit_index, sampling, route):
-        result = super().forward(input_ids, position_ids, slot_mapping, block_tables, logit_index, sampling)
+    def forward(self, *inputs):
+        """BucketGraph's inputs, then the route."""
+        result = super().forward(*inputs[:-1])
         return (result, *self.decoder.kv_cache.take_updates())
 
     def aliases(self) -> dict[nn.Parameter, int]:

@@ -16,9 +16,10 @@ from .sampling import sample
 
 
 class BucketGraph(nn.Module):
-    """Inputs, laid out as `Qwen2Decoder.forward` takes them: input_ids, position_ids, slot_mapping
-    [bucket.rows + bucket.tokens] int64, block_tables [bucket.block_table_rows(), context / block_size] int64,
-    logit_index [R] int64 and sampling [R, 4] float32, R = bucket.logit_rows().
+    """Inputs, laid out as `Qwen2Decoder.forward` takes them, N = bucket.rows + bucket.tokens:
+    input_ids, position_ids, slot_mapping [N] int64; block_tables [bucket.block_table_rows(), context /
+    block_size] int64; key_blocks, key_starts [KB] int64 and key_visible [max(tokens, 1), KB] bool, KB =
+    bucket.key_blocks(block_size); logit_index [R] int64 and sampling [R, 4] float32, R = bucket.logit_rows().
     Returns logits [R, V] float32, or token ids [R] int64 when the bucket samples.
     """
 
@@ -26,20 +27,31 @@ class BucketGraph(nn.Module):
         super().__init__()
         self.decoder, self.bucket = decoder, bucket
 
-    def forward(self, input_ids, position_ids, slot_mapping, block_tables, logit_index, sampling):
-        logits = self.decoder(
-            input_ids, position_ids, slot_mapping, block_tables, logit_index, self.bucket.rows
-        )
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *decoder_inputs, sampling = inputs
+        logits = self.decoder(*decoder_inputs, self.bucket.rows)
         if self.bucket.sample:
             return sample(logits, sampling, self.decoder.config.max_topk)
         return logits
 
 
 def example_inputs(bucket: Bucket, block_size: int) -> tuple[torch.Tensor, ...]:
-    """Inputs of the bucket's shapes, every token at position 0 of the padding block (distinct tensors:
-    torch.compile guards on inputs aliasing each other)."""
-    n = bucket.rows + bucket.tokens
+    """Inputs of the bucket's shapes, every token at position 0 of the padding block, which every prompt
+    token may read (distinct tensors: torch.compile guards on inputs aliasing each other)."""
+    n, key_blocks = bucket.rows + bucket.tokens, bucket.key_blocks(block_size)
     ids, positions, slots = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
     tables = torch.full((bucket.block_table_rows(), bucket.context // block_size), PADDING_BLOCK)
+    visible = torch.zeros(max(bucket.tokens, 1), key_blocks, dtype=torch.bool)
+    visible[:, 0] = True
     rows = bucket.logit_rows()
-    return ids, positions, slots, tables, torch.arange(rows), torch.zeros(rows, 4)
+    return (
+        ids,
+        positions,
+        slots,
+        tables,
+        torch.full((key_blocks,), PADDING_BLOCK),
+        torch.zeros(key_blocks, dtype=torch.int64),
+        visible,
+        torch.arange(rows),
+        torch.zeros(rows, 4),
+    )

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PREFILL_TILE, NeuronConfig, Qwen2Shape
+from ..config import NeuronConfig, Qwen2Shape
 from .kv_cache import KVCacheManager
 from .parallel import (
     ColumnParallelLinear,
@@ -200,39 +200,46 @@ class Qwen2Decoder(nn.Module):
         position_ids: torch.Tensor,
         slot_mapping: torch.Tensor,
         block_tables: torch.Tensor,
+        key_blocks: torch.Tensor,
+        key_starts: torch.Tensor,
+        key_visible: torch.Tensor,
         logit_index: torch.Tensor,
         decode_rows: int,
     ) -> torch.Tensor:
         """One step over N tokens (input_ids, position_ids, slot_mapping [N]) -> logits [R, V] at logit_index.
 
-        Every token writes its K/V at its slot first, then attends to the blocks of its block-table row, up to
-        its own position. The first `decode_rows` tokens are one row each (block_tables rows 0..d-1); the
-        other N - d are prompt chunks laid out in tiles of PREFILL_TILE tokens of one sequence each
-        (block_tables rows d..). So a row or tile reads only its own sequence's blocks, and a chunk sees the
-        chunks before it.
+        Every token writes its K/V at its slot first, then attends up to its own position, so a chunk sees the
+        chunks before it. The first `decode_rows` tokens are one row each: row r attends the blocks of
+        block_tables[r] [d, C / block_size]. The other T = N - d tokens are prompt chunks of one or several
+        sequences: they attend the step's key blocks, key_blocks [KB] (the blocks of those sequences, each
+        once; block i holds positions key_starts[i] ..), a token only the blocks key_visible [T, KB] marks
+        as its sequence's. Each sequence's K/V is thus gathered once per layer: d x C + KB x block_size.
         """
         d, n = decode_rows, input_ids.shape[0]
-        tiles = (n - d) // PREFILL_TILE
+        bs = self.kv_cache.block_size
         cos, sin = rope_cos_sin(position_ids[None], self.shape.head_dim, self.shape.rope_theta)
         x = self.embed_tokens(input_ids[None]).float()  # [1, N, H], the residual stream: float32
-        context = torch.arange(block_tables.shape[1] * self.kv_cache.block_size, device=x.device)  # [C]
-        decode_mask = (context[None, :] <= position_ids[:d, None])[:, None, None]  # [d, 1, 1, C]
-        tile_positions = position_ids[d:].view(tiles, PREFILL_TILE)
-        tile_mask = (context[None, None, :] <= tile_positions[:, :, None])[:, None]  # [tiles, 1, TILE, C]
+        if d:
+            context = torch.arange(block_tables.shape[1] * bs, device=x.device)  # [C]
+            row_mask = (context[None, :] <= position_ids[:d, None])[:, None, None]  # [d, 1, 1, C]
+        if n > d:
+            offsets = torch.arange(bs, device=x.device)
+            key_positions = (key_starts[:, None] + offsets).reshape(-1)  # [K = KB * bs]
+            visible = key_visible[:, :, None].expand(-1, -1, bs).reshape(n - d, -1)  # [T, K]
+            chunk_mask = (visible & (key_positions[None, :] <= position_ids[d:, None]))[None, None]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # [1, heads, N, D]
             self.kv_cache.write(i, slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
-            keys, values = self.kv_cache.gather(i, block_tables)  # [G, Hkv, C, D]
             parts = []
-            if d:  # one query per row: [d, Hq, 1, D] -> [1, Hq, d, D]
+            if d:  # one query per row: [d, Hq, 1, D] against [d, Hkv, C, D] -> [1, Hq, d, D]
+                keys, values = self.kv_cache.gather(i, block_tables[:d])
                 row_q = q[0, :, :d].transpose(0, 1)[:, :, None]
-                out = self._attention(row_q, keys[:d], values[:d], decode_mask)
+                out = self._attention(row_q, keys, values, row_mask)
                 parts.append(out[:, :, 0].transpose(0, 1)[None])
-            if tiles:  # PREFILL_TILE queries per tile: [tiles, Hq, TILE, D] -> [1, Hq, N - d, D]
-                tile_q = q[0, :, d:].unflatten(1, (tiles, PREFILL_TILE)).transpose(0, 1)
-                out = self._attention(tile_q, keys[d:], values[d:], tile_mask)
-                parts.append(out.transpose(0, 1).flatten(1, 2)[None])
+            if n > d:  # the chunks' queries [1, Hq, T, D] against the key blocks [1, Hkv, K, D]
+                keys, values = self.kv_cache.gather(i, key_blocks[None])
+                parts.append(self._attention(q[:, :, d:], keys, values, chunk_mask))
             x = x + attn.output(torch.cat(parts, dim=2))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[0, logit_index])).float()

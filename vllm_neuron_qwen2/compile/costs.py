@@ -1,0 +1,121 @@
+"""What a bucket graph moves per call and what a NeuronCore holds: plain arithmetic on the shapes of one
+rank's decoder (built on the meta device, so the figures follow the layers' own sharding), for
+`vllm-neuron-qwen2 plan` and the choice of the KV pool's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import NeuronConfig, Qwen2Shape
+from ..model.parallel import TPGroup
+from ..model.qwen2 import Qwen2Decoder
+from .buckets import Bucket
+
+
+@dataclass(frozen=True)
+class RankShape:
+    """One rank's sizes in bytes (the model's dtype), from its shard."""
+
+    weights: int  # every weight a graph call streams: the layers, the final norm and the lm_head
+    embedding_row: int  # one token's embedding (a graph reads its tokens' rows of the table)
+    embedding_table: int  # the embedding table, when it is not the lm_head's weight (tied)
+    kv_position: int  # K and V of one position, over all layers
+    vocab: int  # logits per row (the whole vocabulary: the logits are gathered over ranks)
+    pool: int  # the KV pool
+
+    @classmethod
+    def of(cls, shape: Qwen2Shape, config: NeuronConfig) -> RankShape:
+        with torch.device("meta"):
+            decoder = Qwen2Decoder(shape, config, TPGroup(size=config.tp_degree))
+        size = {name: p.numel() * p.element_size() for name, p in decoder.named_parameters()}
+        embedding = size.pop("embed_tokens.weight", 0)  # a tied lm_head keeps this name, the table is read
+        k, v = decoder.kv_cache.layer(0)
+        per_layer = k[0].numel() * k.element_size() + v[0].numel() * v.element_size()
+        return cls(
+            weights=sum(size.values()) + (0 if "lm_head.weight" in size else embedding),
+            embedding_row=shape.hidden_size * k.element_size(),
+            embedding_table=embedding if "lm_head.weight" in size else 0,
+            kv_position=per_layer * shape.num_hidden_layers,
+            vocab=shape.vocab_size,
+            pool=sum(b.numel() * b.element_size() for b in decoder.kv_cache.buffers()),
+        )
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one call of a bucket graph moves on one NeuronCore."""
+
+    weights: int  # weights streamed, and the tokens' embedding rows
+    kv_read: int  # K/V attention reads: each sequence's blocks, once per layer
+    kv_written: int  # the gathered copies of those blocks, and the step's new K/V
+    logits: int  # out of the graph: float32 logits, or int64 token ids when it samples
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_read + self.kv_written + self.logits
+
+
+def positions_gathered(bucket: Bucket, block_size: int) -> int:
+    """KV positions a call gathers per layer: each one-token row's block table, the chunks' key blocks."""
+    keys = bucket.key_blocks(block_size) * block_size if bucket.tokens else 0
+    return bucket.rows * bucket.context + keys
+
+
+def traffic(bucket: Bucket, rank: RankShape, block_size: int) -> Traffic:
+    tokens = bucket.rows + bucket.tokens
+    gathered = positions_gathered(bucket, block_size) * rank.kv_position
+    out = bucket.logit_rows() * (8 if bucket.sample else 4 * rank.vocab)
+    return Traffic(
+        weights=rank.weights + tokens * rank.embedding_row,
+        kv_read=gathered,
+        kv_written=gathered + tokens * rank.kv_position,
+        logits=out,
+    )
+
+
+def scratch(bucket: Bucket, rank: RankShape, shape: Qwen2Shape, config: NeuronConfig) -> int:
+    """An estimate of a call's largest live activations on one NeuronCore: one layer's gathered K/V and
+    float32 attention scores, the MLP's intermediate and the logits."""
+    tp, bs = config.tp_degree, config.block_size
+    heads = -(-shape.num_attention_heads // tp)
+    itemsize = rank.embedding_row // shape.hidden_size
+    tokens = bucket.rows + bucket.tokens
+    keys = bucket.key_blocks(bs) * bs if bucket.tokens else 0
+    gathered = positions_gathered(bucket, bs) * rank.kv_position // shape.num_hidden_layers
+    scores = heads * (bucket.rows * bucket.context + bucket.tokens * keys) * 4
+    mlp = tokens * 2 * -(-shape.intermediate_size // tp) * itemsize
+    return gathered + scores + mlp + bucket.logit_rows() * 4 * rank.vocab
+
+
+@dataclass(frozen=True)
+class CoreMemory:
+    """Bytes one NeuronCore holds."""
+
+    weights: int  # the rank's weights (the embedding table too)
+    pool: int  # the KV pool
+    scratch: int  # the largest graph call's live activations (an estimate)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.pool + self.scratch
+
+
+def core_memory(shape: Qwen2Shape, config: NeuronConfig, buckets: list[Bucket]) -> CoreMemory:
+    rank = RankShape.of(shape, config)
+    return CoreMemory(
+        weights=rank.weights + rank.embedding_table,
+        pool=rank.pool,
+        scratch=max(scratch(b, rank, shape, config) for b in buckets),
+    )
+
+
+def blocks_that_fit(
+    shape: Qwen2Shape, config: NeuronConfig, buckets: list[Bucket], memory: int, utilization: float
+) -> int:
+    """KV blocks that fit `utilization` of a NeuronCore's `memory` bytes beside weights and scratch."""
+    need = core_memory(shape, config, buckets)
+    block = config.block_size * RankShape.of(shape, config).kv_position
+    return max(0, int((utilization * memory - need.weights - need.scratch) // block))
