@@ -112,6 +112,14 @@ def threads_per_rank(host_cpus: int, host_ranks: int) -> int:
     return max(1, host_cpus // host_ranks)
 
 
+def keep_freed_memory() -> None:
+    """For the processes vLLM starts next (glibc reads these at start): keep freed memory in the heap. A step
+    allocates large tensors (gathered K/V, activations); glibc would map each afresh and unmap it when freed,
+    and every first touch of a fresh page faults: gathering 33 MB of K/V took 19 ms instead of 4."""
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        os.environ.setdefault(name, str(2**31 - 1))
+
+
 def remember_user_threads() -> None:
     """Record OMP_NUM_THREADS as the user set it, in the front end, before vLLM sets it for the processes it
     starts (vLLM 0.16 does not mark its own values); every rank process inherits the record."""

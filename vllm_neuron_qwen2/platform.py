@@ -407,6 +407,8 @@ class NeuronQwen2Platform(Platform):
         # the child's first parallel op; the engine core and the TP ranks are therefore spawned.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         placement.remember_user_threads()
+        if active_backend() == "cpu":
+            placement.keep_freed_memory()
         if pc.use_ray or pc.data_parallel_backend == "ray":
             _prepare_ray(pc)
         if not pc.use_ray:

@@ -232,11 +232,12 @@ class Qwen2Decoder(nn.Module):
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # [1, heads, N, D]
             self.kv_cache.write(i, slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
             parts = []
-            if d:  # one query per row: [d, Hq, 1, D] against [d, Hkv, C, D] -> [1, Hq, d, D]
-                keys, values = self.kv_cache.gather(i, block_tables[:d])
-                row_q = q[0, :, :d].transpose(0, 1)[:, :, None]
-                out = self._attention(row_q, keys, values, row_mask)
-                parts.append(out[:, :, 0].transpose(0, 1)[None])
+            if d:  # one query per row, a KV head's group of them as its queries: [d, Hkv, Hq / Hkv, D]
+                keys, values = self.kv_cache.gather(i, block_tables[:d])  # [d, Hkv, C, D]
+                hkv = keys.shape[1]
+                row_q = q[0, :, :d].transpose(0, 1).unflatten(1, (hkv, -1))
+                out = self._attention(row_q, keys, values, row_mask)  # no K/V repeated per query head
+                parts.append(out.flatten(1, 2).transpose(0, 1)[None])  # [1, Hq, d, D]
             if n > d:  # the chunks' queries [1, Hq, T, D] against the key blocks [1, Hkv, K, D]
                 keys, values = self.kv_cache.gather(i, key_blocks[None])
                 parts.append(self._attention(q[:, :, d:], keys, values, chunk_mask))
