@@ -1,7 +1,8 @@
 """One job in its own process: an engine's offline run, or the machine's limits.
 
 python -m benchmarks.engines JOB SPEC.json OUT.json
-(launched by benchmarks.run; JOB is plugin, plugin-fp32, vllm-cpu, hf, limits or bandwidth)
+(launched by benchmarks.run; JOB is plugin, plugin-fp32, vllm-cpu, hf, limits or bandwidth; speculation is
+launched by benchmarks.speculation)
 
 An engine run: start (timed from process launch), warm up, the timed run of the whole workload, then the
 decode-rate probe (`decode_probe`). Greedy decoding and exactly `output_tokens` per request everywhere.
@@ -97,13 +98,13 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         if engine not in PLUGIN_ENGINES:
             return {}
         stats = llm.collective_rpc("padding_stats")[0]  # rank 0: every rank pads alike
-        return {
-            f"{'prefill' if tokens else 'decode'} {rows}+{tokens}x{context}{' sampled' if s else ''}": [
-                real,
-                pad,
-            ]
-            for rows, tokens, context, s, real, pad in stats
-        }
+
+        def name(rows: int, tokens: int, context: int, sample: bool, row_tokens: int) -> str:
+            kind = "prefill" if tokens else "verify" if row_tokens > 1 else "decode"
+            shape = f"{rows}x{row_tokens}" if row_tokens > 1 else f"{rows}"
+            return f"{kind} {shape}+{tokens}x{context}{' sampled' if sample else ''}"
+
+        return {name(*row[:5]): [real, pad] for *row, real, pad in stats}
 
     def counters() -> dict[str, float]:
         """vLLM's prefix-cache counters and, for the plugin, its step and graph-call times (cumulative)."""
@@ -239,6 +240,10 @@ def main() -> None:
         result = run_bandwidth(spec)
     elif job == "hf":
         result = run_hf(spec)
+    elif job == "speculation":
+        from benchmarks.speculation import speculation_job
+
+        result = speculation_job(spec)
     else:
         result = run_vllm(job, spec)
     Path(out_path).write_text(json.dumps(result))

@@ -112,6 +112,43 @@ def play_context_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 
         yield step(grow("a", "b", "c"))
 
 
+def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6):
+    """Yield the result of every call of a session whose decode rows carry 0 to speculation_length drafts
+    (verify graphs: the greedy token after each row token), crossing the 32 -> 64 context buckets. Every draft
+    is kept, teacher-forced, whatever was sampled."""
+    gen = torch.Generator().manual_seed(seed)
+    width = 1 + model.config.speculation_length
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    seqs, tables = {"a": tokens(25), "b": tokens(6)}, {"a": list(range(1, 9)), "b": list(range(9, 17))}
+    yield model.step_paged(tokens=list(seqs.values()), starts=[0, 0], block_tables=list(tables.values()))
+    for step in range(8):
+        rows = {name: tokens(1 + (step + r) % width) for r, name in enumerate(seqs)}
+        starts = [len(seqs[name]) for name in rows]
+        for name, new in rows.items():
+            seqs[name] += new
+        yield model.verify_paged(
+            tokens=list(rows.values()),
+            starts=starts,
+            block_tables=[tables[name] for name in rows],
+            sampling=torch.zeros(len(rows), width, 4),
+        )
+
+
+def self_repeating_token(model_dir: Path, vocab: int = 400) -> int:
+    """The token a checkpoint most likes to repeat after 16 of itself: prompts of it make n-gram drafts
+    (more of it) that a sampled row often accepts."""
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        runs = torch.arange(vocab)[:, None].expand(vocab, 16)
+        probs = hf(runs).logits[:, -1].softmax(-1)
+    return probs[torch.arange(vocab), torch.arange(vocab)].argmax().item()
+
+
 def load(model_dir: Path, tp_degree: int = 1, **overrides) -> NeuronQwen2ForCausalLM:
     return NeuronQwen2ForCausalLM.from_pretrained(
         model_dir, NeuronConfig(tp_degree=tp_degree, **CONFIG | overrides)

@@ -31,6 +31,7 @@ from vllm_neuron_qwen2.model.graphs import BucketGraph, example_inputs
 from vllm_neuron_qwen2.model.parallel import TPGroup
 from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
 from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM
+from vllm_neuron_qwen2.tiny import QWEN2_7B
 
 SMALL = dict(  # a few graphs only: compiling one takes seconds
     batch_size=2,
@@ -291,25 +292,11 @@ def test_cli_rejects_bad_bucket_lists(capsys: pytest.CaptureFixture) -> None:
     assert "expected FIELD=N,N,..." in capsys.readouterr().err
 
 
-QWEN2_7B = {  # config.json geometry of Qwen/Qwen2-7B (plan reads no weights)
-    "architectures": ["Qwen2ForCausalLM"],
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": False,
-}
-
-
 def plan(model: Path, *args: str, capsys: pytest.CaptureFixture) -> tuple[list[str], list[str]]:
     """`vllm-neuron-qwen2 plan`'s lines, and its bucket rows."""
     cli.main(["plan", str(model), *args])
     lines = capsys.readouterr().out.splitlines()
-    return lines, [line.split()[0] for line in lines if re.match(r"\s+(decode|prefill|score)\[", line)]
+    return lines, [line.split()[0] for line in lines if re.match(r"\s+(decode|verify|prefill|score)\[", line)]
 
 
 def test_plan_lists_every_graph_and_the_default_ladder_stays_in_budget(

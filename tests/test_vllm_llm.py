@@ -271,7 +271,7 @@ def test_padding_stats_through_collective_rpc(default_llm: tuple[Any, Path]) -> 
     llm, _ = default_llm
 
     def stats() -> dict[tuple, tuple[int, int]]:
-        return {tuple(row[:4]): (row[4], row[5]) for row in llm.collective_rpc("padding_stats")[0]}
+        return {tuple(row[:4]): (row[5], row[6]) for row in llm.collective_rpc("padding_stats")[0]}
 
     before = stats()
     lengths = [5, 30, 17, 60, 9, 44]

@@ -25,6 +25,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from decoder_harness import self_repeating_token
 from structured_schemas import SCHEMA
 from transformers import AutoTokenizer
 
@@ -94,7 +95,7 @@ def stop(proc: subprocess.Popen) -> bool:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, log_path: Path) -> Iterator[Server]:
+def running_server(model_dir: Path, log_path: Path, *extra_args: str) -> Iterator[Server]:
     """A server on the tiny checkpoint, healthy when yielded, Ctrl-C'd (and checked to exit) afterwards."""
     port = free_port()
     args = ["--device", "neuron", "--host", "127.0.0.1", "--port", str(port)]
@@ -103,6 +104,7 @@ def running_server(model_dir: Path, log_path: Path) -> Iterator[Server]:
     args += ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     # tool calls as served for Qwen2.5-Instruct (vLLM needs a tool parser even for named / required calls)
     args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    args += extra_args
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             vllm_server_cmd(model_dir, *args),
@@ -138,7 +140,9 @@ def server(
         yield srv
 
 
-def greedy_completion(client: openai.OpenAI, model: str, prompt: str, max_tokens: int = 16) -> str:
+def greedy_completion(
+    client: openai.OpenAI, model: str, prompt: str | list[int], max_tokens: int = 16
+) -> str:
     out = client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
     )
@@ -623,3 +627,21 @@ def test_device_flag(tiny_qwen2: Path, device: str, env: dict[str, str], message
     )
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+
+
+def test_speculative_decoding_through_the_server(
+    make_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    # a prompt that repeats a token the model likes to repeat: n-gram drafts are accepted; the same greedy
+    # text as without speculation, and vLLM's draft and acceptance counters in /metrics
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    model_dir = make_checkpoint()
+    prompt = [self_repeating_token(model_dir)] * 16
+    answers = []
+    for extra in (["--speculative-config", json.dumps(spec)], []):
+        with running_server(model_dir, tmp_path / f"server{len(answers)}.log", *extra) as srv:
+            answers.append(greedy_completion(srv.client(), srv.model, prompt, max_tokens=24))
+            if extra:
+                assert metric(srv, "vllm:spec_decode_num_draft_tokens_total") > 0
+                assert metric(srv, "vllm:spec_decode_num_accepted_tokens_total") > 0
+    assert answers[0] == answers[1]

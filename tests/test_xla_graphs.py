@@ -31,6 +31,7 @@ from decoder_harness import (  # noqa: E402
     play_chunked_session,
     play_context_session,
     play_session,
+    play_verify_session,
 )
 
 from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM  # noqa: E402
@@ -80,9 +81,11 @@ def play_paged_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 2)
 
 
 SESSIONS = {"slots": play_session, "chunks": play_chunked_session, "paged": play_paged_session}
-# name -> (session, its config): the context session crosses the buckets of 32, 64 and 256 positions
+# name -> (session, its config): the context session crosses the buckets of 32, 64 and 256 positions; the
+# verify session's decode rows carry drafts (its token ids must be equal)
 FLOAT32_SESSIONS = {name: (play, FLOAT32) for name, play in SESSIONS.items()} | {
-    "contexts": (play_context_session, NeuronConfig(**CONFIG | CONTEXTS, dtype="float32"))
+    "contexts": (play_context_session, NeuronConfig(**CONFIG | CONTEXTS, dtype="float32")),
+    "verify": (play_verify_session, NeuronConfig(**CONFIG, dtype="float32", speculation_length=3)),
 }
 
 
@@ -99,7 +102,7 @@ def test_float32_logits_equal_the_cpu_backend(tiny_qwen2: Path, name: str) -> No
     pairs = list(zip(calls(session, xla), calls(session, cpu), strict=True))
     assert len(pairs) > 5
     for i, (got, want) in enumerate(pairs):
-        assert got.shape == want.shape
+        assert got.shape == want.shape and got.dtype == want.dtype
         assert (got - want).abs().max().item() < TOL, f"call {i}"
 
 

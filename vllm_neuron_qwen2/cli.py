@@ -152,6 +152,7 @@ def _config(args: argparse.Namespace) -> NeuronConfig:
         tp_degree=args.tensor_parallel_size,
         dtype=args.dtype,
         backend=args.backend,
+        speculation_length=args.num_speculative_tokens,
         **dict(args.buckets),
     )
 
@@ -249,6 +250,10 @@ def _add_shape_options(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--backend", choices=BACKENDS, default=active_backend() or "cpu")
     c.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on neuron")
+    c.add_argument(
+        "--num-speculative-tokens", type=int, default=0, metavar="K",
+        help="verify graphs for up to K drafts per row (--speculative-config's num_speculative_tokens)",
+    )  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -110,6 +110,8 @@ SMALLEST_CONTEXT = 512
 BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+# Drafts per row a verify graph checks: each adds a row token to every verify call, accepted or not.
+MAX_SPECULATION_LENGTH = 7
 
 
 @dataclass
@@ -134,6 +136,7 @@ class NeuronConfig:
     context_lengths: list[int] | None = None  # longest row a graph attends (multiples of block_size)
     on_device_sampling: bool = True  # greedy/temperature/top-k/top-p inside the decode graphs
     max_topk: int = 256  # top-k bound of the in-graph sampler (as on Neuron)
+    speculation_length: int = 0  # most drafts a decode row carries (n-gram speculation); 0: no verify graphs
     compile_mode: str = "eager"  # cpu backend: run graphs eagerly or through torch.compile
     compiled_artifacts: str | None = None  # artifact folder; default ~/.cache/vllm-neuron-qwen2/<key>
     pinned_digest: str | None = None  # serve a compiled folder only if its digest (`info`) is this one
@@ -210,6 +213,17 @@ class NeuronConfig:
         budget = self.max_num_batched_tokens or min(seq_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
         _require(budget >= 1, "max_num_batched_tokens", f"must be >= 1, got {budget}")
         _require(self.max_topk >= 1, "max_topk", f"must be >= 1, got {self.max_topk}")
+        _require(
+            0 <= self.speculation_length <= MAX_SPECULATION_LENGTH,
+            "speculation_length",
+            f"must lie in [0, {MAX_SPECULATION_LENGTH}], got {self.speculation_length} "
+            "(num_speculative_tokens in --speculative-config)",
+        )
+        _require(
+            self.on_device_sampling or not self.speculation_length,
+            "speculation_length",
+            "verify graphs sample in the graph; set on_device_sampling=true",
+        )
         context = blocks_per_seq * self.block_size
         prefill_tokens = pad_to_multiple(budget, PREFILL_STEP)
         smallest_context = min(pad_to_multiple(SMALLEST_CONTEXT, self.block_size), context)

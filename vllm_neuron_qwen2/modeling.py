@@ -46,7 +46,9 @@ class PaddingStats:
         self.graph_seconds = 0.0
 
     def add(self, bucket: Bucket, real: int) -> None:
-        total = bucket.tokens or bucket.rows  # packed prompt-chunk tokens, or one-token rows
+        total = (
+            bucket.tokens or bucket.row_token_count()
+        )  # packed prompt-chunk tokens, or decode rows' tokens
         self.real[bucket] += real
         self.padded[bucket] += total - real
 
@@ -216,6 +218,41 @@ class NeuronQwen2ForCausalLM:
         return logits if sampling is None else sample(logits, sampling, cfg.max_topk)
 
     @torch.no_grad()
+    def verify_paged(
+        self,
+        *,
+        tokens: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        sampling: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decode rows carrying drafts, checked in one verify graph call. Row r is its last sampled token
+        and then up to speculation_length drafts, at positions starts[r], starts[r] + 1, ...; a token is
+        sampled after each of them, with sampling [rows, Q, 4] (a draw per token), Q = 1 + speculation_length.
+        Returns them [rows, Q] (entries past a row's tokens are padding). Draft j + 1 is accepted when token j
+        equals it and every draft before it was accepted: one-hot drafts accepted with the target's
+        probability of the draft, a rejected one replaced by a sample of the target without it, as
+        rejection sampling does. All K/V the rows write stays; a caller overwrites rejected positions."""
+        self._check_paged(tokens, starts, block_tables, None)
+        cfg, q_len = self.config, 1 + self.config.speculation_length
+        if not cfg.speculation_length:
+            raise ValueError("verify_paged needs neuron_config.speculation_length >= 1 (verify graphs)")
+        if max(map(len, tokens)) > q_len or tuple(sampling.shape) != (len(tokens), q_len, 4):
+            raise ValueError(
+                f"verify rows take 1 to {q_len} tokens and sampling [{len(tokens)}, {q_len}, 4], got rows of "
+                f"{[len(t) for t in tokens]} and {list(sampling.shape)}"
+            )
+        rows = [
+            _Row(r, list(t), s, block_tables[r]) for r, (t, s) in enumerate(zip(tokens, starts, strict=True))
+        ]
+        batch = smallest_fitting(cfg.decode_batch_sizes, len(rows), "decode rows", "decode_batch_sizes")
+        context = smallest_fitting(
+            cfg.context_lengths, max(r.end for r in rows), "context", "context_lengths"
+        )
+        result, _ = self._run(Bucket(batch, 0, context, True, row_tokens=q_len), rows, [], sampling)
+        return result.view(batch, q_len)[: len(rows)]
+
+    @torch.no_grad()
     def score_paged(
         self, *, tokens: Sequence[Sequence[int]], starts: Sequence[int], block_tables: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
@@ -238,9 +275,10 @@ class NeuronQwen2ForCausalLM:
     def _run(
         self, bucket: Bucket, singles: list[_Row], pieces: list[_Row], sampling: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[tuple[_Row, int]]]:
-        """Run one bucket graph over one-token rows and prompt pieces, padded to the bucket's shapes (padding
+        """Run one bucket graph over decode rows and prompt pieces, padded to the bucket's shapes (padding
         tokens write into block 0 and read it). Returns the graph's result, one row per row that ends in
-        this call (or, for a score bucket, per token), and where each row's tokens were placed."""
+        this call (for a score bucket, per token; for a verify bucket, per row token), and where each row's
+        tokens were placed."""
         bs, width = self.config.block_size, bucket.context // self.config.block_size
         ids, positions, slots, placed = [], [], [], []
 
@@ -257,8 +295,8 @@ class NeuronQwen2ForCausalLM:
         tables = [[*r.blocks[:width], *[PADDING_BLOCK] * (width - len(r.blocks))] for r in singles]
         tables += [[PADDING_BLOCK] * width] * (bucket.block_table_rows() - len(singles))
         for row in singles:
-            place(row, len(ids) + 1)
-        place(_Row(-1, [], 0, []), bucket.rows)  # padding rows
+            place(row, len(ids) + bucket.row_tokens)
+        place(_Row(-1, [], 0, []), bucket.row_token_count())  # padding rows
         # The chunks' key blocks, each once (the padding block first: padding tokens read it) and which
         # tokens may read each.
         keys = _key_blocks(pieces, bs)
@@ -266,22 +304,23 @@ class NeuronQwen2ForCausalLM:
         visible = torch.zeros(max(bucket.tokens, 1), bucket.key_blocks(bs), dtype=torch.bool)
         visible[:, 0] = True
         for piece in pieces:
-            first = len(ids) - bucket.rows
+            first = len(ids) - bucket.row_token_count()
             place(piece, len(ids) + len(piece.tokens))
             visible[first : first + len(piece.tokens), 0] = False
             visible[first : first + len(piece.tokens), [column[b] for b in piece.key_blocks(bs)]] = True
-        place(_Row(-1, [], 0, []), bucket.rows + bucket.tokens)  # padding tokens
+        place(_Row(-1, [], 0, []), bucket.row_token_count() + bucket.tokens)  # padding tokens
         key_blocks = _padded(list(keys), bucket.key_blocks(bs), PADDING_BLOCK)
         key_starts = _padded(list(keys.values()), bucket.key_blocks(bs), 0)
 
         placed = [(row, first) for row, first in placed if row.index >= 0]
-        if bucket.scores:
-            logit_index = list(range(bucket.tokens))
+        if bucket.scores or bucket.kind == "verify":  # every token
+            logit_index = list(range(bucket.logit_rows()))
         else:  # each row ending here: its last token
             logit_index = [first + len(row.tokens) - 1 for row, first in placed if row.last]
         params = torch.zeros(bucket.logit_rows(), 4)
-        if sampling is not None:
-            params[: len(logit_index)] = sampling[[row.index for row, _ in placed if row.last]]
+        if sampling is not None:  # [rows, 4], or a verify call's [rows, Q, 4]
+            picked = sampling[[row.index for row, _ in placed if row.last]].reshape(-1, 4)
+            params[: len(picked)] = picked
         began = time.perf_counter()
         result = self.graphs[bucket](
             torch.tensor(ids),
@@ -296,7 +335,8 @@ class NeuronQwen2ForCausalLM:
         )
         self.padding.graph_seconds += time.perf_counter() - began
         self.padding.graph_calls += 1
-        self.padding.add(bucket, sum(len(p.tokens) for p in pieces) if bucket.tokens else len(singles))
+        real = sum(len(row.tokens) for row in (pieces if bucket.tokens else singles))
+        self.padding.add(bucket, real)
         return result, placed
 
     def _check_paged(self, tokens, starts, block_tables, sampling) -> None:

@@ -13,7 +13,7 @@ from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
 from . import ARTIFACTS_ENV, BACKEND_ENV, active_backend, placement, vllm_compat
-from .config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
+from .config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, MAX_SPECULATION_LENGTH
 
 vllm_compat.check_installed_stack()
 
@@ -41,6 +41,7 @@ _DERIVED_FIELDS = {
     "block_size": "--block-size",
     "num_blocks": "--num-gpu-blocks-override",
     "max_num_batched_tokens": "--max-num-batched-tokens",
+    "speculation_length": "--speculative-config num_speculative_tokens",
 }
 # vLLM's defaults when these options are not given: a step budget that one prefill graph covers, and
 # as many sequences as a Neuron decode graph serves well (vLLM's own 256 would mean a 256-row ladder).
@@ -64,6 +65,7 @@ def requested_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
         "block_size": cc.block_size,
         "num_blocks": cc.num_gpu_blocks_override,
         "max_num_batched_tokens": sc.max_num_batched_tokens,
+        "speculation_length": speculation_length(vllm_config),
     }
     for key, value in derived.items():
         if key in extra and extra[key] != value:
@@ -72,6 +74,12 @@ def requested_neuron_config(vllm_config: VllmConfig) -> NeuronConfig:
                 f"{_DERIVED_FIELDS[key]} ({value!r}); set it through {_DERIVED_FIELDS[key]} only"
             )
     return NeuronConfig.from_dict({**extra, **derived})
+
+
+def speculation_length(vllm_config: VllmConfig) -> int:
+    """Drafts per row the verify graphs take: --speculative-config's num_speculative_tokens, or 0."""
+    spec = vllm_config.speculative_config
+    return 0 if spec is None else spec.num_speculative_tokens
 
 
 def fit_to_compiled_folder(vllm_config: VllmConfig) -> None:
@@ -171,8 +179,17 @@ def _reject_unsupported(vllm_config: VllmConfig) -> None:
         raise ValueError("--enable-lora: LoRA is not supported by the vllm-neuron-qwen2 platform")
     if getattr(vllm_config, "watermark_config", None) is not None:
         raise ValueError("--watermark-config: watermarking is not supported by vllm-neuron-qwen2")
-    if vllm_config.speculative_config is not None:
-        raise ValueError("--speculative-config: speculative decoding is not supported by vllm-neuron-qwen2")
+    spec = vllm_config.speculative_config
+    if spec is not None and spec.method != "ngram":
+        raise ValueError(
+            f"--speculative-config method {spec.method!r}: vllm-neuron-qwen2 speculates with 'ngram' only "
+            "(prompt lookup); draft models, EAGLE and Medusa are not supported"
+        )
+    if spec is not None and not 1 <= spec.num_speculative_tokens <= MAX_SPECULATION_LENGTH:
+        raise ValueError(
+            f"--speculative-config num_speculative_tokens {spec.num_speculative_tokens}: vllm-neuron-qwen2 "
+            f"verifies 1 to {MAX_SPECULATION_LENGTH} drafts per row"
+        )
     unsupported = [a for a in mc.architectures if a not in SUPPORTED_ARCHITECTURES]
     if unsupported or not mc.architectures:
         raise ValueError(

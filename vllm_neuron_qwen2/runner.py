@@ -9,10 +9,14 @@ for prompt logprobs run in the score graph instead, which returns every position
 prompt yields none. A row is sampled inside the graph when its parameters allow it (greedy, temperature,
 top-k, top-p, seed); any other row (logprobs, penalties, logits processors, a grammar) makes the step return
 logits, and is sampled on the host by vLLM's Sampler after its grammar bitmask is applied.
+With n-gram speculation, a decode step whose rows carry drafts runs in a verify graph, which samples after
+each draft; a row keeps its drafts up to the first one not sampled (speculation.py), and the proposer drafts
+the next step's tokens from each sequence.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +27,22 @@ import numpy as np
 import torch
 from vllm.distributed import get_tp_group
 from vllm.sampling_params import SamplingParams, SamplingType
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTensors, ModelRunnerOutput
+from vllm.v1.outputs import (
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    DraftTokenIds,
+    LogprobsLists,
+    LogprobsTensors,
+    ModelRunnerOutput,
+)
 from vllm.v1.sample.logits_processor import BatchUpdate, build_logitsprocs
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.structured_output.utils import apply_grammar_bitmask
 
 from .model.sampling import sample as sample_in_graph_style
+from .speculation import DraftProposer, NgramProposer, accepted_tokens
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -105,8 +118,11 @@ class _Step:
     emits: list[bool]  # the row's chunk reaches the end of its known tokens: it yields a token
     in_graph: list[bool]  # the row samples as the graph does (else vLLM's Sampler on the host)
     params: torch.Tensor  # [rows, 4] in-graph sampling parameters
-    result: torch.Tensor  # token ids [rows] when the graph sampled every row, else logits [rows, vocab]
+    # token ids [rows] when the graph sampled every row (a verify graph: [rows, 1 + drafts] after each row
+    # token), else logits [rows, vocab]
+    result: torch.Tensor
     prompt_logprobs: dict[str, LogprobsTensors]  # requests whose prompt logprobs are complete
+    drafts: list[list[int]] | None = None  # each row's drafts in a verify step
 
 
 class NeuronQwen2ModelRunner:
@@ -128,6 +144,23 @@ class NeuronQwen2ModelRunner:
         self.requests: dict[str, _Request] = {}
         self._logitsprocs_rows: list[str] = []  # request id per row, as the logits processors last saw it
         self._step: _Step | None = None
+        spec = vllm_config.speculative_config
+        self.proposer: DraftProposer | None = None
+        if spec is not None:
+            self.proposer = NgramProposer(
+                spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
+            )
+            if self.decoder.decoder.tp.rank == 0:
+                logger.info(
+                    "speculative decoding: n-gram drafts, up to %d per row (n-grams of %d to %d tokens), "
+                    "checked in verify graphs of %d tokens per row; rows sampled on the host (grammars, "
+                    "logprobs, penalties) get no drafts, and drafts in a step that also prefills are not "
+                    "checked (they count as rejected)",
+                    spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
+                    1 + self.neuron_config.speculation_length,
+                )  # fmt: skip
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self._proposed: dict[str, list[int]] = {}  # drafts for each row of the last step
         self.steps = 0
         self.step_seconds = 0.0  # in execute_model and sample_tokens, graph calls included
 
@@ -177,7 +210,13 @@ class NeuronQwen2ModelRunner:
         reqs = [self.requests[r] for r in order]
         rows = range(len(reqs))
         row_starts = [starts[r] for r in order]
-        chunks = [reqs[i].chunk(row_starts[i], so.num_scheduled_tokens[order[i]]) for i in rows]
+        # a row's drafts (None: none scheduled); vLLM refuses async scheduling with n-gram drafts, so these
+        # are the ones take_draft_token_ids handed over, as the scheduler kept them
+        drafts = [so.scheduled_spec_decode_tokens.get(r) for r in order]
+        chunks = [
+            reqs[i].chunk(row_starts[i], 1 if drafts[i] is not None else so.num_scheduled_tokens[order[i]])
+            for i in rows
+        ]
         emits = [row_starts[i] + len(chunks[i]) == len(reqs[i].prompt) + len(reqs[i].output) for i in rows]
         scored = [i for i in rows if reqs[i].prompt_logprobs is not None]
         stepped = [i for i in rows if reqs[i].prompt_logprobs is None]
@@ -185,6 +224,11 @@ class NeuronQwen2ModelRunner:
             self.neuron_config.on_device_sampling and (not emits[i] or reqs[i].can_sample_in_graph())
             for i in rows
         ]
+        # Drafts are checked when every row is a decode row sampled in the graph; in any other step (a
+        # prompt chunk, a row sampled on the host) they count as rejected and the rows decode one token.
+        if any(drafts) and all(len(c) == 1 for c in chunks) and all(in_graph) and not scored:
+            rows_with_drafts = [c + (d or []) for c, d in zip(chunks, drafts, strict=True)]
+            return self._run_verify(so, reqs, row_starts, rows_with_drafts)
         params = torch.tensor(
             [reqs[i].sampling_row() if in_graph[i] and emits[i] else [0.0] * 4 for i in rows]
         )
@@ -212,6 +256,20 @@ class NeuronQwen2ModelRunner:
                     done[reqs[i].req_id] = reqs[i].prompt_logprobs
                     reqs[i].prompt_logprobs = None
         return _Step(so, reqs, emits, in_graph, params, result, done)
+
+    def _run_verify(
+        self, so: SchedulerOutput, reqs: list[_Request], starts: list[int], tokens: list[list[int]]
+    ) -> _Step:
+        """One verify graph call: each row's last token and drafts, a fresh draw for every token."""
+        width = 1 + self.neuron_config.speculation_length
+        sampling = torch.zeros(len(reqs), width, 4)
+        for i, (req, row) in enumerate(zip(reqs, tokens, strict=True)):
+            sampling[i, : len(row)] = torch.tensor([req.sampling_row() for _ in row])
+        result = self.decoder.verify_paged(
+            tokens=tokens, starts=starts, block_tables=[r.block_ids for r in reqs], sampling=sampling
+        )
+        emits = [True] * len(reqs)
+        return _Step(so, reqs, emits, emits, sampling[:, 0], result, {}, [row[1:] for row in tokens])
 
     def _add_prompt_logprobs(self, req: _Request, start: int, logits: torch.Tensor) -> bool:
         """Score the prompt tokens this chunk predicts (position i predicts token i + 1) into the request's
@@ -244,10 +302,12 @@ class NeuronQwen2ModelRunner:
         tokens = tokens.tolist()
         order = [req.req_id for req in step.reqs]
         sampled: list[list[int]] = []
-        for req, token, emit in zip(step.reqs, tokens, step.emits, strict=True):
-            if emit:
-                req.output.append(token)
-            sampled.append([token] if emit else [])
+        for i, (req, emit) in enumerate(zip(step.reqs, step.emits, strict=True)):
+            new = accepted_tokens(step.drafts[i], tokens[i]) if step.drafts else [tokens[i]] if emit else []
+            req.output.extend(new)
+            sampled.append(new)
+        if self.proposer is not None:
+            self._propose(step.reqs)
         self.step_seconds += time.perf_counter() - began
         return ModelRunnerOutput(
             req_ids=order,
@@ -257,11 +317,29 @@ class NeuronQwen2ModelRunner:
             prompt_logprobs_dict=step.prompt_logprobs,
         )
 
+    def _propose(self, reqs: list[_Request]) -> None:
+        """Drafts for the next step of each row sampled in the graph (a row sampled on the host has none:
+        its logits processors, grammar or logprobs would need logits at every draft)."""
+        drafting = [r for r in reqs if r.output and r.can_sample_in_graph()]
+        sequences = [r.prompt + r.output for r in drafting]
+        rooms = [self.max_model_len - len(seq) for seq in sequences]
+        self._proposed = {r.req_id: [] for r in reqs}
+        self._proposed |= dict(
+            zip([r.req_id for r in drafting], self.proposer.propose(sequences, rooms), strict=True)
+        )
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """The drafts proposed after the last step, for vLLM's scheduler to schedule (and filter)."""
+        if self.proposer is None:
+            return None
+        return DraftTokenIds(list(self._proposed), list(self._proposed.values()))
+
     def _sample(
         self, step: _Step, grammar_output: GrammarOutput | None
     ) -> tuple[torch.Tensor, dict[int, tuple[np.ndarray, np.ndarray, int]]]:
-        """Token ids [rows] (0 for rows that emit none) and the logprobs of the rows that asked for them."""
-        if step.result.dim() == 1:  # sampled in the graph
+        """Token ids [rows] (0 for rows that emit none; a verify step's [rows, 1 + drafts]) and the logprobs
+        of the rows that asked for them."""
+        if step.drafts is not None or step.result.dim() == 1:  # sampled in the graph
             return step.result, {}
         tokens = torch.zeros(len(step.reqs), dtype=torch.int64)
         rows = range(len(step.reqs))

@@ -230,6 +230,21 @@ def make_tiny_qwen2(
     return out
 
 
+# config.json geometry of Qwen/Qwen2-7B, for `plan`'s arithmetic (it reads no weights)
+QWEN2_7B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+}
+
+
 def make_qwen2_05b_like(out_dir: str | Path, num_hidden_layers: int = 8, seed: int = 0) -> Path:
     """A random checkpoint with Qwen2.5-0.5B's geometry, fewer layers: for benchmarks (~1 GB at 8 layers)."""
     return make_tiny_qwen2(

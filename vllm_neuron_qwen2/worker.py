@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
     from vllm.tasks import SupportedTask
     from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
 # vLLM's block pool allocates the model's KV blocks: one spec over all layers, the model owns the tensors.
 _KV_SPEC_NAME = "neuron_kv_blocks"
@@ -40,6 +40,9 @@ class CoreHolderRunner:
         return None
 
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> None:
+        return None
+
+    def take_draft_token_ids(self) -> None:
         return None
 
 
@@ -145,16 +148,23 @@ class NeuronQwen2Worker(WorkerBase):
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput | None:
         return self.model_runner.sample_tokens(grammar_output)
 
-    def padding_stats(self) -> list[tuple[int, int, int, bool, int, int]]:
-        """(rows, prompt tokens, context, sample, real tokens, padded tokens) per bucket run so far; the score
-        graph (prompt logprobs) is the one with 0 rows.
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        return self.model_runner.take_draft_token_ids()
+
+    def padding_stats(self) -> list[tuple[int, int, int, bool, int, int, int]]:
+        """(rows, prompt tokens, context, sample, tokens per row, real tokens, padded tokens) per bucket run
+        so far; the score graph (prompt logprobs) is the one with 0 rows, verify graphs have several tokens
+        per row.
 
         Plain values so that `LLM.collective_rpc("padding_stats")` can carry them (benchmarks/ reads them).
         """
         if self.holds_core_only:
             return []
         stats = self.model.decoder.padding
-        return [(*bucket[:4], stats.real[bucket], stats.padded[bucket]) for bucket in stats.real]
+        return [
+            (*bucket[:4], bucket.row_tokens, stats.real[bucket], stats.padded[bucket])
+            for bucket in stats.real
+        ]
 
     def step_stats(self) -> dict[str, float]:
         """Serving steps and their seconds in `execute_model`, and graph calls and their seconds: the

@@ -345,7 +345,8 @@ def _barrier(tp: TPGroup) -> None:
 
 def check_compatible(saved: NeuronConfig, requested: NeuronConfig, folder: str | Path = "") -> NeuronConfig:
     """The compiled config to serve `requested` with: `saved`, when it has at least the requested sequences,
-    length and step budget, and the same TP, backend, dtype and KV pool; else a ConfigError showing both."""
+    length, step budget and drafts per row, and the same TP, backend, dtype and KV pool; else a ConfigError
+    showing both."""
     where = f" in {folder}" if folder else ""
     problems = []
 
@@ -372,6 +373,11 @@ def check_compatible(saved: NeuronConfig, requested: NeuronConfig, folder: str |
         "on_device_sampling",
         "on_device_sampling",
         saved.on_device_sampling or not requested.on_device_sampling,
+    )
+    differs(
+        "speculation_length",
+        "--speculative-config num_speculative_tokens (speculation_length)",
+        requested.speculation_length <= saved.speculation_length,
     )
     for field in BUCKET_FIELDS:
         wanted = getattr(requested, field)

@@ -16,21 +16,31 @@ LONG_CONTEXT_PREFILL_SIZES = 3
 
 
 class Bucket(NamedTuple):
-    rows: int  # one-token rows (decode steps), each attending its own blocks; also the rows of logits out
+    rows: int  # decode rows, each attending its own blocks; also the rows of logits out
     tokens: int  # prompt-chunk tokens (0: a decode graph), attending the step's key blocks
-    context: int  # KV positions a one-token row attends: its block table's width x block_size
+    context: int  # KV positions a decode row attends: its block table's width x block_size
     sample: bool  # sample in the graph (token ids out) instead of returning logits
     scores: bool = False  # logits of every token (prompt logprobs), not of each row's last one
+    row_tokens: int = 1  # tokens per decode row: 1, or 1 + the drafts a verify graph checks
 
     @property
     def kind(self) -> str:
-        return "score" if self.scores else "prefill" if self.tokens else "decode"
+        if self.scores:
+            return "score"
+        return "prefill" if self.tokens else "verify" if self.row_tokens > 1 else "decode"
 
     def __str__(self) -> str:
-        shape = (
-            f"{self.rows}+{self.tokens}" if self.tokens and not self.scores else f"{self.rows or self.tokens}"
-        )
+        if self.tokens and not self.scores:
+            shape = f"{self.rows}+{self.tokens}"
+        elif self.row_tokens > 1:
+            shape = f"{self.rows}x{self.row_tokens}"
+        else:
+            shape = f"{self.rows or self.tokens}"
         return f"{self.kind}[{shape}x{self.context}{'+sample' if self.sample else ''}]"
+
+    def row_token_count(self) -> int:
+        """Tokens of the decode rows, which come first in the graph's inputs."""
+        return self.rows * self.row_tokens
 
     def block_table_rows(self) -> int:
         """Rows of the block_tables input (one, unused, in a score graph, which has no one-token rows)."""
@@ -45,7 +55,8 @@ class Bucket(NamedTuple):
         return 1 + self.context // block_size + math.ceil(self.tokens / block_size)
 
     def logit_rows(self) -> int:
-        return self.tokens if self.scores else self.rows
+        """Scores: every token; verify: every row token (each checks a draft); else one per row."""
+        return self.tokens if self.scores else self.row_token_count()
 
 
 def long_context_prefill_lengths(prefill_lengths: list[int]) -> list[int]:
@@ -65,7 +76,9 @@ def all_buckets(config: NeuronConfig) -> list[Bucket]:
     are few and compute-bound, so sampling them on the host costs nothing a second graph per size would save.
     Every context length has decode graphs of every row count, and prefill graphs of every size at the
     smallest context, of LONG_CONTEXT_PREFILL_SIZES sizes beyond it. One score graph returns the logits of
-    every token of up to SCORE_TOKENS prompt tokens at the longest context, for prompt logprobs.
+    every token of up to SCORE_TOKENS prompt tokens at the longest context, for prompt logprobs. With
+    speculation, verify graphs (every decode graph's rows and context, 1 + speculation_length tokens per
+    row) sample each row token, checking the row's drafts.
     """
     decode = [
         Bucket(rows, 0, context, config.on_device_sampling)
@@ -80,12 +93,18 @@ def all_buckets(config: NeuronConfig) -> list[Bucket]:
     ]
     score_tokens = min(SCORE_TOKENS, config.prefill_lengths[-1])
     score = Bucket(0, score_tokens, config.context_lengths[-1], False, True)
-    return decode + prefill + [score]
+    verify = [
+        Bucket(b.rows, 0, b.context, True, row_tokens=1 + config.speculation_length)
+        for b in decode
+        if config.speculation_length
+    ]
+    return decode + verify + prefill + [score]
 
 
 def describe(buckets: list[Bucket]) -> str:
     """One line: how many graphs of which kind and shapes (what a user pays in compile time and memory)."""
     decode = [b for b in buckets if b.kind == "decode"]
+    verify = [b for b in buckets if b.kind == "verify"]
     prefill = [b for b in buckets if b.kind == "prefill"]
     score = [b for b in buckets if b.kind == "score"]
 
@@ -99,6 +118,8 @@ def describe(buckets: list[Bucket]) -> str:
             f"{len(decode)} decode (rows {sizes({b.rows for b in decode})} x context "
             f"{sizes({b.context for b in decode})}, {variant})"
         )
+    if verify:
+        parts.append(f"{len(verify)} verify ({verify[0].row_tokens} tokens per row: 1 + drafts)")
     if prefill:
         by_context = {}
         for b in prefill:

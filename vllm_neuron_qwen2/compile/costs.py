@@ -59,13 +59,13 @@ class Traffic:
 
 
 def positions_gathered(bucket: Bucket, block_size: int) -> int:
-    """KV positions a call gathers per layer: each one-token row's block table, the chunks' key blocks."""
+    """KV positions a call gathers per layer: each decode row's block table, the chunks' key blocks."""
     keys = bucket.key_blocks(block_size) * block_size if bucket.tokens else 0
     return bucket.rows * bucket.context + keys
 
 
 def traffic(bucket: Bucket, rank: RankShape, block_size: int) -> Traffic:
-    tokens = bucket.rows + bucket.tokens
+    tokens = bucket.row_token_count() + bucket.tokens
     gathered = positions_gathered(bucket, block_size) * rank.kv_position
     out = bucket.logit_rows() * (8 if bucket.sample else 4 * rank.vocab)
     return Traffic(
@@ -82,10 +82,10 @@ def scratch(bucket: Bucket, rank: RankShape, shape: Qwen2Shape, config: NeuronCo
     tp, bs = config.tp_degree, config.block_size
     heads = -(-shape.num_attention_heads // tp)
     itemsize = rank.embedding_row // shape.hidden_size
-    tokens = bucket.rows + bucket.tokens
+    tokens = bucket.row_token_count() + bucket.tokens
     keys = bucket.key_blocks(bs) * bs if bucket.tokens else 0
     gathered = positions_gathered(bucket, bs) * rank.kv_position // shape.num_hidden_layers
-    scores = heads * (bucket.rows * bucket.context + bucket.tokens * keys) * 4
+    scores = heads * (bucket.row_token_count() * bucket.context + bucket.tokens * keys) * 4
     mlp = tokens * 2 * -(-shape.intermediate_size // tp) * itemsize
     return gathered + scores + mlp + bucket.logit_rows() * 4 * rank.vocab
 

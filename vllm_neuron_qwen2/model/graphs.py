@@ -16,7 +16,7 @@ from .sampling import sample
 
 
 class BucketGraph(nn.Module):
-    """Inputs, laid out as `Qwen2Decoder.forward` takes them, N = bucket.rows + bucket.tokens:
+    """Inputs, laid out as `Qwen2Decoder.forward` takes them, N = bucket.row_token_count() + bucket.tokens:
     input_ids, position_ids, slot_mapping [N] int64; block_tables [bucket.block_table_rows(), context /
     block_size] int64; key_blocks, key_starts [KB] int64 and key_visible [max(tokens, 1), KB] bool, KB =
     bucket.key_blocks(block_size); logit_index [R] int64 and sampling [R, 4] float32, R = bucket.logit_rows().
@@ -29,7 +29,7 @@ class BucketGraph(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         *decoder_inputs, sampling = inputs
-        logits = self.decoder(*decoder_inputs, self.bucket.rows)
+        logits = self.decoder(*decoder_inputs, self.bucket.rows, self.bucket.row_tokens)
         if self.bucket.sample:
             return sample(logits, sampling, self.decoder.config.max_topk)
         return logits
@@ -38,7 +38,7 @@ class BucketGraph(nn.Module):
 def example_inputs(bucket: Bucket, block_size: int) -> tuple[torch.Tensor, ...]:
     """Inputs of the bucket's shapes, every token at position 0 of the padding block, which every prompt
     token may read (distinct tensors: torch.compile guards on inputs aliasing each other)."""
-    n, key_blocks = bucket.rows + bucket.tokens, bucket.key_blocks(block_size)
+    n, key_blocks = bucket.row_token_count() + bucket.tokens, bucket.key_blocks(block_size)
     ids, positions, slots = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
     tables = torch.full((bucket.block_table_rows(), bucket.context // block_size), PADDING_BLOCK)
     visible = torch.zeros(max(bucket.tokens, 1), key_blocks, dtype=torch.bool)

@@ -205,42 +205,49 @@ class Qwen2Decoder(nn.Module):
         key_visible: torch.Tensor,
         logit_index: torch.Tensor,
         decode_rows: int,
+        row_tokens: int = 1,
     ) -> torch.Tensor:
         """One step over N tokens (input_ids, position_ids, slot_mapping [N]) -> logits [R, V] at logit_index.
 
         Every token writes its K/V at its slot first, then attends up to its own position, so a chunk sees the
-        chunks before it. The first `decode_rows` tokens are one row each: row r attends the blocks of
-        block_tables[r] [d, C / block_size]. The other T = N - d tokens are prompt chunks of one or several
-        sequences: they attend the step's key blocks, key_blocks [KB] (the blocks of those sequences, each
-        once; block i holds positions key_starts[i] ..), a token only the blocks key_visible [T, KB] marks
-        as its sequence's. Each sequence's K/V is thus gathered once per layer: d x C + KB x block_size.
+        chunks before it. The first `decode_rows` x `row_tokens` tokens are the decode rows, Q = row_tokens
+        consecutive tokens each (a verify graph's row: its last sampled token, then its drafts): row r
+        attends the blocks of block_tables[r] [d, C / block_size]. The other T tokens are prompt chunks of one
+        or several sequences: they attend the step's key blocks, key_blocks [KB] (the blocks of those
+        sequences, each once; block i holds positions key_starts[i] ..), a token only the blocks
+        key_visible [T, KB] marks as its sequence's. Each sequence's K/V is thus gathered once per layer:
+        d x C + KB x block_size.
         """
-        d, n = decode_rows, input_ids.shape[0]
-        bs = self.kv_cache.block_size
+        d, q_len, n = decode_rows, row_tokens, input_ids.shape[0]
+        dq, bs = d * q_len, self.kv_cache.block_size
         cos, sin = rope_cos_sin(position_ids[None], self.shape.head_dim, self.shape.rope_theta)
         x = self.embed_tokens(input_ids[None]).float()  # [1, N, H], the residual stream: float32
         if d:
             context = torch.arange(block_tables.shape[1] * bs, device=x.device)  # [C]
-            row_mask = (context[None, :] <= position_ids[:d, None])[:, None, None]  # [d, 1, 1, C]
-        if n > d:
+            row_positions = position_ids[:dq].view(d, 1, q_len, 1, 1)
+            row_mask = context <= row_positions  # [d, 1, Q, 1, C], the query group G broadcast
+        if n > dq:
             offsets = torch.arange(bs, device=x.device)
             key_positions = (key_starts[:, None] + offsets).reshape(-1)  # [K = KB * bs]
-            visible = key_visible[:, :, None].expand(-1, -1, bs).reshape(n - d, -1)  # [T, K]
-            chunk_mask = (visible & (key_positions[None, :] <= position_ids[d:, None]))[None, None]
+            visible = key_visible[:, :, None].expand(-1, -1, bs).reshape(n - dq, -1)  # [T, K]
+            chunk_mask = (visible & (key_positions[None, :] <= position_ids[dq:, None]))[None, None]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # [1, heads, N, D]
             self.kv_cache.write(i, slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
             parts = []
-            if d:  # one query per row, a KV head's group of them as its queries: [d, Hkv, Hq / Hkv, D]
+            if d:  # a row's queries, a KV head's group of them together: [d, Hkv, Q x G, D], G = Hq / Hkv
                 keys, values = self.kv_cache.gather(i, block_tables[:d])  # [d, Hkv, C, D]
                 hkv = keys.shape[1]
-                row_q = q[0, :, :d].transpose(0, 1).unflatten(1, (hkv, -1))
-                out = self._attention(row_q, keys, values, row_mask)  # no K/V repeated per query head
-                parts.append(out.flatten(1, 2).transpose(0, 1)[None])  # [1, Hq, d, D]
-            if n > d:  # the chunks' queries [1, Hq, T, D] against the key blocks [1, Hkv, K, D]
+                row_q = q[0, :, :dq].unflatten(0, (hkv, -1)).unflatten(2, (d, q_len))  # [Hkv, G, d, Q, D]
+                row_q = row_q.permute(2, 0, 3, 1, 4)  # [d, Hkv, Q, G, D]
+                mask = row_mask.expand(-1, -1, -1, row_q.shape[3], -1).flatten(2, 3)  # [d, 1, Q x G, C]
+                out = self._attention(row_q.flatten(2, 3), keys, values, mask)  # no K/V repeated per head
+                out = out.unflatten(2, (q_len, -1)).permute(1, 3, 0, 2, 4)  # [Hkv, G, d, Q, D]
+                parts.append(out.flatten(0, 1).flatten(1, 2)[None])  # [1, Hq, d x Q, D]
+            if n > dq:  # the chunks' queries [1, Hq, T, D] against the key blocks [1, Hkv, K, D]
                 keys, values = self.kv_cache.gather(i, key_blocks[None])
-                parts.append(self._attention(q[:, :, d:], keys, values, chunk_mask))
+                parts.append(self._attention(q[:, :, dq:], keys, values, chunk_mask))
             x = x + attn.output(torch.cat(parts, dim=2))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[0, logit_index])).float()

@@ -1,0 +1,204 @@
+"""n-gram speculative decoding through vLLM's `LLM(...)` (cpu backend): exact against HF and against no
+speculation, seeded and sampled output, vLLM's counters, and the start-up errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from decoder_harness import self_repeating_token
+from test_vllm_llm import (  # noqa: F401 (plugin_env: the module's autouse fixture)
+    check_greedy,
+    generate,
+    hf_model,
+    make_llm,
+    metric,
+    plugin_env,
+    sampling,
+    shutdown,
+    token_prompts,
+)
+
+
+def ngram(k: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "method": "ngram",
+        "num_speculative_tokens": k,
+        "prompt_lookup_min": 1,
+        "prompt_lookup_max": 3,
+        **extra,
+    }
+
+
+def copying_prompts(n: int, seed: int) -> list[dict[str, list[int]]]:
+    """Prompts that repeat a span: n-gram drafts come from them, as in code edits and retrieval answers."""
+    spans = token_prompts(n, [5, 9, 13], 400, seed=seed)
+    return [{"prompt_token_ids": s["prompt_token_ids"] * 4} for s in spans]
+
+
+# name -> LLM kwargs. Together: K 1, 3 and 7; TP 1 and 2; prefix caching on and off; chunked prefill with
+# prompts longer than a step; a pool that preempts.
+RUNS = {
+    "k3_prefix_caching_chunks_of_40": {"speculative_config": ngram(3), "max_num_batched_tokens": 40},
+    "k1_preempting_pool_no_prefix_caching": {
+        "speculative_config": ngram(1),
+        "enable_prefix_caching": False,
+        "block_size": 16,
+        "num_gpu_blocks_override": 10,
+    },
+    "k7_tp2": {"speculative_config": ngram(7), "tensor_parallel_size": 2},
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_greedy_output_equals_no_speculation_and_hf(
+    make_checkpoint: Callable[..., Path], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # copying prompts (drafts proposed) mixed with long ones chunked over steps; greedy tokens equal HF's
+    # argmax, and equal the same engine options without speculation
+    model_dir = make_checkpoint()
+    prompts = copying_prompts(6, seed=11) + token_prompts(2, [70, 100], 400, seed=12)
+    params = sampling(temperature=0.0, max_tokens=24, ignore_eos=True)
+    kwargs = RUNS[name]
+    with caplog.at_level(logging.INFO):
+        llm = make_llm(model_dir, **kwargs)
+    try:
+        outputs = generate(llm, prompts, params)
+        drafts, accepted = (metric(llm, f"vllm:spec_decode_num_{n}_tokens") for n in ("draft", "accepted"))
+        stats = llm.collective_rpc("padding_stats")[0]
+    finally:
+        shutdown(llm)
+    k = kwargs["speculative_config"]["num_speculative_tokens"]
+    if "tensor_parallel_size" not in kwargs:  # rank 0 logs in this process
+        assert f"speculative decoding: n-gram drafts, up to {k} per row" in caplog.text
+        assert f"verify ({k + 1} tokens per row: 1 + drafts)" in caplog.text
+    check_greedy(model_dir, prompts, outputs)
+    assert drafts > 0 and accepted > 0, (drafts, accepted)
+    assert any(row_tokens > 1 for *_, row_tokens, _, _ in stats), "verify graphs ran"
+    plain = {key: value for key, value in kwargs.items() if key != "speculative_config"}
+    llm = make_llm(model_dir, **plain)
+    try:
+        assert [o.token_ids for o in generate(llm, prompts, params)] == [o.token_ids for o in outputs]
+    finally:
+        shutdown(llm)
+
+
+def chi_square_p(a: Counter, b: Counter) -> float:
+    """p-value of a two-sample chi-square test that `a` and `b` count draws of one distribution."""
+    cells = sorted(set(a) | set(b))
+    table = torch.tensor([[a[c] for c in cells], [b[c] for c in cells]], dtype=torch.float64)
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    statistic = ((table - expected) ** 2 / expected).sum()
+    df = len(cells) - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), statistic / 2).item()
+
+
+def test_sampled_output_is_seeded_and_distributed_as_without_speculation(
+    make_checkpoint: Callable[..., Path],
+) -> None:
+    # temperature 1, top-k 2: the first three tokens' joint frequencies over 400 seeded requests match those
+    # without speculation (chi-square, p > 0.01); seeds reproduce. The prompt repeats the token the model
+    # most likes to repeat, so its drafts (more of it) are often accepted.
+    model_dir = make_checkpoint()
+    prompt = [{"prompt_token_ids": [self_repeating_token(model_dir)] * 16}]
+    params = [sampling(temperature=1.0, top_k=2, max_tokens=3, seed=s, ignore_eos=True) for s in range(400)]
+    counts = []
+    for spec in (ngram(3), None):
+        llm = make_llm(model_dir, speculative_config=spec)
+        try:
+            outputs = [
+                tuple(o.outputs[0].token_ids) for o in llm.generate(prompt * 400, params, use_tqdm=False)
+            ]
+            if spec:
+                again = [
+                    tuple(o.outputs[0].token_ids)
+                    for o in llm.generate(prompt * 20, params[:20], use_tqdm=False)
+                ]
+                assert again == outputs[:20], "seeded requests reproduce"
+                assert metric(llm, "vllm:spec_decode_num_accepted_tokens") > 0
+        finally:
+            shutdown(llm)
+        counts.append(Counter(outputs))
+    assert chi_square_p(*counts) > 0.01
+
+
+def test_structured_output_holds_with_speculation(make_checkpoint: Callable[..., Path]) -> None:
+    # a row under a grammar is sampled on the host and drafts nothing; its batch mates still speculate
+    from vllm.sampling_params import StructuredOutputsParams
+
+    model_dir = make_checkpoint()
+    llm = make_llm(model_dir, speculative_config=ngram(3))
+    try:
+        prompts = copying_prompts(3, seed=14)
+        regex = sampling(
+            temperature=0.0,
+            max_tokens=12,
+            structured_outputs=StructuredOutputsParams(regex="[a-c]{3}-[0-9]{2}"),
+        )
+        free = sampling(temperature=0.0, max_tokens=12, ignore_eos=True)
+        outputs = llm.generate(prompts, [regex, free, free], use_tqdm=False)
+        import re
+
+        assert re.fullmatch("[a-c]{3}-[0-9]{2}", outputs[0].outputs[0].text)
+        check_greedy(model_dir, prompts[1:], [o.outputs[0] for o in outputs[1:]])
+    finally:
+        shutdown(llm)
+
+
+DRAFT_ARCHITECTURES = {
+    "eagle": {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+    "medusa": {
+        "architectures": ["MedusaModel"],
+        "model_type": "medusa",
+        "num_heads": 2,
+        "num_hidden_layers": 1,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "extra", "message"),
+    [
+        ({"method": "draft_model", "num_speculative_tokens": 2}, {}, "'ngram' only"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, {}, "'ngram' only"),
+        ({"method": "medusa", "num_speculative_tokens": 2}, {}, "'ngram' only"),
+        (ngram(8), {}, "verifies 1 to 7 drafts per row"),
+        (ngram(3), {"async_scheduling": True}, "async scheduling is only supported"),  # vLLM's own refusal
+    ],
+)
+def test_startup_rejects_unsupported_speculation(
+    make_checkpoint: Callable[..., Path],
+    tmp_path: Path,
+    spec: dict[str, Any],
+    extra: dict[str, Any],
+    message: str,
+) -> None:
+    model_dir = make_checkpoint()
+    draft = {}
+    if spec["method"] != "ngram":  # a draft checkpoint of the kind the method loads, from the tiny one
+        draft_dir = tmp_path / spec["method"]
+        shutil.copytree(model_dir, draft_dir)
+        config = json.loads((draft_dir / "config.json").read_text())
+        config |= DRAFT_ARCHITECTURES.get(spec["method"], {})
+        config.pop("layer_types", None)  # a Qwen2 field the other kinds do not take
+        (draft_dir / "config.json").write_text(json.dumps(config))
+        draft = {"model": str(draft_dir)}
+    with pytest.raises(Exception, match=message):
+        make_llm(model_dir, speculative_config=spec | draft, **extra)
+
+
+def test_min_p_is_refused_as_vllm_refuses_it(make_checkpoint: Callable[..., Path]) -> None:
+    llm = make_llm(make_checkpoint(), speculative_config=ngram(2))
+    try:
+        # vLLM 0.16's message names min_tokens too
+        with pytest.raises(Exception, match="min_p,? and logit_bias sampling parameters are not yet"):
+            llm.generate(copying_prompts(1, seed=3), sampling(min_p=0.1, max_tokens=2), use_tqdm=False)
+    finally:
+        shutdown(llm)
