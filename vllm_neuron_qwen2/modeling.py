@@ -46,9 +46,7 @@ class PaddingStats:
         self.graph_seconds = 0.0
 
     def add(self, bucket: Bucket, real: int) -> None:
-        total = (
-            bucket.tokens or bucket.row_token_count()
-        )  # packed prompt-chunk tokens, or decode rows' tokens
+        total = bucket.tokens or bucket.row_token_count()  # packed prompt-chunk tokens, or row tokens
         self.real[bucket] += real
         self.padded[bucket] += total - real
 
@@ -184,19 +182,11 @@ class NeuronQwen2ForCausalLM:
         """
         self._check_paged(tokens, starts, block_tables, sampling)
         cfg = self.config
-        rows = [
-            _Row(r, list(t), s, block_tables[r]) for r, (t, s) in enumerate(zip(tokens, starts, strict=True))
-        ]
+        rows = _rows(tokens, starts, block_tables)
         singles = [row for row in rows if len(row.tokens) == 1]
         chunks = [row for row in rows if len(row.tokens) > 1]
         if not chunks and (sampling is not None or not cfg.on_device_sampling):  # a decode graph
-            batch = smallest_fitting(
-                cfg.decode_batch_sizes, len(singles), "decode rows", "decode_batch_sizes"
-            )
-            context = smallest_fitting(
-                cfg.context_lengths, max(r.end for r in singles), "context", "context_lengths"
-            )
-            bucket = Bucket(batch, 0, context, cfg.on_device_sampling)
+            bucket = self._decode_bucket(singles, cfg.on_device_sampling, row_tokens=1)
             result, _ = self._run(bucket, singles, [], sampling)
             return result[: len(rows)]  # every row is a single, in order
         prefill = [b for b in self.graphs if b.kind == "prefill"]
@@ -242,15 +232,10 @@ class NeuronQwen2ForCausalLM:
                 f"verify rows take 1 to {q_len} tokens and sampling [{len(tokens)}, {q_len}, 4], got rows of "
                 f"{[len(t) for t in tokens]} and {list(sampling.shape)}"
             )
-        rows = [
-            _Row(r, list(t), s, block_tables[r]) for r, (t, s) in enumerate(zip(tokens, starts, strict=True))
-        ]
-        batch = smallest_fitting(cfg.decode_batch_sizes, len(rows), "decode rows", "decode_batch_sizes")
-        context = smallest_fitting(
-            cfg.context_lengths, max(r.end for r in rows), "context", "context_lengths"
-        )
-        result, _ = self._run(Bucket(batch, 0, context, True, row_tokens=q_len), rows, [], sampling)
-        return result.view(batch, q_len)[: len(rows)]
+        rows = _rows(tokens, starts, block_tables)
+        bucket = self._decode_bucket(rows, sample=True, row_tokens=q_len)
+        result, _ = self._run(bucket, rows, [], sampling)
+        return result.view(bucket.rows, q_len)[: len(rows)]
 
     @torch.no_grad()
     def score_paged(
@@ -261,9 +246,7 @@ class NeuronQwen2ForCausalLM:
         as the rows' tokens need."""
         self._check_paged(tokens, starts, block_tables, None)
         (bucket,) = [b for b in self.graphs if b.scores]
-        rows = [
-            _Row(r, list(t), s, block_tables[r]) for r, (t, s) in enumerate(zip(tokens, starts, strict=True))
-        ]
+        rows = _rows(tokens, starts, block_tables)
         out: list[list[torch.Tensor]] = [[] for _ in rows]
         bs = self.config.block_size
         for pieces in _pack(rows, bucket.tokens, bucket.key_blocks(bs), bs):
@@ -271,6 +254,14 @@ class NeuronQwen2ForCausalLM:
             for piece, first in placed:
                 out[piece.index].append(result[first : first + len(piece.tokens)])
         return [torch.cat(parts) for parts in out]
+
+    def _decode_bucket(self, rows: list[_Row], sample: bool, row_tokens: int) -> Bucket:
+        """The decode (or verify) bucket of the fewest rows and the smallest context that fit `rows`."""
+        cfg = self.config
+        batch = smallest_fitting(cfg.decode_batch_sizes, len(rows), "decode rows", "decode_batch_sizes")
+        longest = max(r.end for r in rows)
+        context = smallest_fitting(cfg.context_lengths, longest, "context", "context_lengths")
+        return Bucket(batch, 0, context, sample, row_tokens=row_tokens)
 
     def _run(
         self, bucket: Bucket, singles: list[_Row], pieces: list[_Row], sampling: torch.Tensor | None
@@ -387,6 +378,12 @@ class _Row:
     def key_blocks(self, block_size: int) -> Sequence[int]:
         """The blocks its tokens attend: its sequence's, up to its last token."""
         return self.blocks[: math.ceil(self.end / block_size)]
+
+
+def _rows(
+    tokens: Sequence[Sequence[int]], starts: Sequence[int], block_tables: Sequence[Sequence[int]]
+) -> list[_Row]:
+    return [_Row(r, list(t), s, block_tables[r]) for r, (t, s) in enumerate(zip(tokens, starts, strict=True))]
 
 
 def _padded(values: list[int], size: int, fill: int) -> list[int]:
