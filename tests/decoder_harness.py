@@ -114,8 +114,8 @@ def play_context_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 
 
 def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6):
     """Yield the result of every call of a session whose decode rows carry 0 to speculation_length drafts
-    (verify graphs: the greedy token after each row token), crossing the 32 -> 64 context buckets. Every draft
-    is kept, teacher-forced, whatever was sampled."""
+    (verify graphs: the greedy token after each row token), crossing the 32 -> 64 context buckets; in one
+    step a prompt's 56-token chunk rides along. Every draft is kept, teacher-forced, whatever was sampled."""
     gen = torch.Generator().manual_seed(seed)
     width = 1 + model.config.speculation_length
 
@@ -129,11 +129,13 @@ def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6
         starts = [len(seqs[name]) for name in rows]
         for name, new in rows.items():
             seqs[name] += new
+        chunk = [tokens(56)] if step == 3 else []  # fills more than the second-largest prefill (48)
         yield model.verify_paged(
-            tokens=list(rows.values()),
-            starts=starts,
-            block_tables=[tables[name] for name in rows],
-            sampling=torch.zeros(len(rows), width, 4),
+            tokens=[*rows.values(), *chunk],
+            starts=[*starts, *[0] * len(chunk)],
+            block_tables=[tables[name] for name in rows] + [list(range(17, 25))] * len(chunk),
+            sampling=torch.zeros(len(rows) + len(chunk), width, 4),
+            chunks=[len(rows)] * len(chunk),
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from decoder_harness import CONTEXTS, load
@@ -10,6 +12,7 @@ from transformers import Qwen2ForCausalLM
 
 from vllm_neuron_qwen2.compile.artifacts import check_compatible
 from vllm_neuron_qwen2.config import ConfigError, NeuronConfig, Qwen2Shape
+from vllm_neuron_qwen2.model.sampling import TEMPERATURE, TOP_P, UNIFORM, sample
 from vllm_neuron_qwen2.speculation import NgramProposer, accepted_tokens
 
 TOL = 2e-3
@@ -65,12 +68,53 @@ def test_verify_graph_checks_drafts_like_hf_greedy(make_checkpoint):
     assert {b.context for b in model.padding.real if b.kind == "verify"} == {32, 64, 256}
 
 
+def test_a_full_prompt_chunk_rides_along_with_drafts(make_checkpoint):
+    # A row with drafts beside the chunks of a long prompt: chunks that need the largest prefill (64 tokens
+    # here) ride in the verify graph, the drafts checked and the token after the chunk sampled as HF's
+    # argmax; a smaller chunk (40 tokens) does not (None: step without the drafts).
+    model_dir = make_checkpoint(num_attention_heads=4, num_key_value_heads=2)
+    hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load(model_dir, **CONTEXTS, speculation_length=K, max_num_batched_tokens=64)
+    gen = torch.Generator().manual_seed(3)
+    seq, prompt = torch.randint(0, 400, (20,), generator=gen).tolist(), torch.randint(0, 400, (160,)).tolist()
+    tables = [list(range(1, 33)), list(range(33, 65))]
+    seq.append(model.step_paged(tokens=[seq], starts=[0], block_tables=tables[:1])[0].argmax().item())
+    at = 0
+    for chunk in (56, 64):
+        right = greedy(hf, seq, K)
+        row = [seq[-1], *right[:2], (right[2] + 1) % 400]  # two right drafts, then a wrong one
+        out = model.verify_paged(
+            tokens=[row, prompt[at : at + chunk]],
+            starts=[len(seq) - 1, at],
+            block_tables=tables,
+            sampling=torch.zeros(2, K + 1, 4),
+            chunks=[1],
+        )
+        assert out[0].tolist()[:3] == right, chunk
+        assert out[1, 0] == greedy(hf, prompt[: at + chunk], 1)[0]
+        seq += accepted_tokens(row[1:], out[0].tolist())
+        at += chunk
+    row = [seq[-1], *greedy(hf, seq, K)]
+    small = [row, prompt[at : at + 40]]
+    assert (
+        model.verify_paged(
+            tokens=small,
+            starts=[len(seq) - 1, at],
+            block_tables=tables,
+            sampling=torch.zeros(2, K + 1, 4),
+            chunks=[1],
+        )
+        is None
+    )
+    assert {(b.tokens, b.context) for b in model.padding.real if b.kind == "verify"} == {(64, 64), (64, 256)}
+
+
 def test_verify_graphs_in_plan_and_their_count_at_2048_by_8(tiny_qwen2, capsys):
     args = ["--max-num-seqs", "8", "--max-model-len", "2048"]
     _, off = plan(tiny_qwen2, *args, capsys=capsys)
     lines, on = plan(tiny_qwen2, *args, "--num-speculative-tokens", "4", capsys=capsys)
     assert len(off) <= 24 and len(on) - len(off) <= 8, (len(off), len(on))
-    assert {"verify[8x5x512+sample]", "verify[8x5x2048+sample]"} <= set(on)
+    assert {"verify[8x5x512+sample]", "verify[8x5x2048+sample]", "verify[8x5+512x2048+sample]"} <= set(on)
     assert lines[-1] == f"{len(on)} graphs"
 
 
@@ -85,10 +129,78 @@ def test_a_folder_compiled_without_verify_graphs_is_refused(tiny_qwen2):
     assert check_compatible(wider, NeuronConfig(batch_size=4, seq_len=128, speculation_length=2)) == wider
 
 
-def test_acceptance_rule():
-    assert accepted_tokens([4, 5, 6], [4, 5, 6, 9]) == [4, 5, 6, 9]  # all accepted, then the bonus token
-    assert accepted_tokens([4, 5, 6], [4, 8, 6, 9]) == [4, 8]  # the first mismatch replaces the draft
-    assert accepted_tokens([], [3, 0, 0]) == [3]
+# vLLM's greedy rejection-sampler cases (tests/v1/sample/test_rejection_sampler.py): drafts, the target's
+# argmax after each row token (the last one is the bonus token), and what the row outputs
+VLLM_GREEDY_CASES = [
+    ([1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4]),  # perfect match, then the bonus token
+    ([1, 2, 3], [1, 5, 3, 4], [1, 5]),  # early mismatch
+    ([1, 2], [1, 2, 5], [1, 2, 5]),
+    ([3], [3, 4], [3, 4]),
+    ([1], [1, 2], [1, 2]),  # single draft
+    ([], [5], [5]),  # no drafts: the sampled token only
+    ([1, 2, 3], [1, 2, 7, 6], [1, 2, 7]),  # multiple mismatches
+    ([4, 5, 6], [4, 8, 6, 9], [4, 8]),
+    ([1], [2, 3], [2]),  # first mismatch
+    ([1, 2], [1, 5, 6], [1, 5]),
+    ([3, 4], [3, 4, 7], [3, 4, 7]),
+]
+
+
+@pytest.mark.parametrize(("drafts", "argmax", "expected"), VLLM_GREEDY_CASES)
+def test_acceptance_rule_on_vllm_greedy_cases(drafts, argmax, expected):
+    assert accepted_tokens(drafts, argmax) == expected
+
+
+def vllm_rejection_sample():
+    """vLLM's own `rejection_sample`, on this CPU: vLLM 0.32 registers C++ kernels for its Triton ones;
+    vLLM 0.16 has Triton (GPU) kernels only."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    if not hasattr(CpuPlatform, "register_triton_kernel_overrides"):
+        pytest.skip("this vLLM's rejection sampler has no CPU kernels (vLLM 0.16: Triton only)")
+    CpuPlatform.register_triton_kernel_overrides()
+    from vllm.v1.sample.rejection_sampler import rejection_sample
+
+    return rejection_sample
+
+
+def test_sampled_acceptance_is_distributed_as_vllm_rejection_sampler():
+    # A row of 3 n-gram (one-hot) drafts, temperature 1, fixed target logits at its 4 tokens. vLLM's
+    # RejectionSampler (its CPU kernels) and this plugin's rule (the in-graph sampler at every row token, then
+    # accepted_tokens) each give 6000 rows' outputs; their joint frequencies match (chi-square, p > 0.01).
+    # The drafts are likely, unlikely, then likely, so every output length occurs.
+    from types import SimpleNamespace
+
+    from test_vllm_speculation import chi_square_p
+
+    rejection_sample = vllm_rejection_sample()
+    torch.manual_seed(0)
+    vocab, n = 6, 6000
+    logits = torch.randn(K + 1, vocab)
+    drafts = [logits[0].argmax().item(), logits[1].argmin().item(), logits[2].argmax().item()]
+    probs = logits.softmax(-1)
+    metadata = SimpleNamespace(all_greedy=False, all_random=True, temperature=torch.ones(n), generators={})
+    out = rejection_sample(
+        torch.tensor(drafts * n),  # n rows of the same drafts, in one call
+        [K] * n,
+        K,
+        torch.arange(1, n + 1) * K,
+        None,
+        logits[:K].repeat(n, 1),
+        torch.multinomial(probs[K], n, replacement=True)[:, None],  # vLLM's sampler draws the bonus token
+        metadata,
+    )
+    theirs = Counter(tuple(t for t in row if t >= 0) for row in out.tolist())
+    params = torch.zeros(n * (K + 1), 4)
+    params[:, TEMPERATURE], params[:, TOP_P], params[:, UNIFORM] = 1.0, 1.0, torch.rand(n * (K + 1))
+    sampled = sample(logits.repeat(n, 1), params, vocab).view(n, K + 1).tolist()
+    ours = Counter(tuple(accepted_tokens(drafts, row)) for row in sampled)
+    assert {len(t) for t in ours} == {1, 2, 3, 4}
+    assert chi_square_p(ours, theirs) > 0.01
+    # and the test can tell: accepting every draft is not distributed as vLLM's rule
+    bonus = torch.multinomial(probs[K], n, replacement=True).tolist()
+    always = Counter((*drafts, b) for b in bonus)
+    assert chi_square_p(always, theirs) < 1e-6
 
 
 def test_ngram_proposer_takes_the_longest_earliest_match():

@@ -194,13 +194,15 @@ class NeuronQwen2ForCausalLM:
         out: list[torch.Tensor | None] = [None] * len(rows)
         for call, pieces in enumerate(_pack(chunks, cfg.prefill_lengths[-1], most_keys, cfg.block_size)):
             call_singles = singles if call == 0 else []
-            bucket = smallest_prefill(
-                prefill,
-                tokens=sum(len(p.tokens) for p in pieces),
-                context=max(r.end for r in [*call_singles, *pieces]),
-                key_blocks=len(_key_blocks(pieces, cfg.block_size)),
-                block_size=cfg.block_size,
-            )
+            tokens_in_call = sum(len(p.tokens) for p in pieces)
+            context = max(r.end for r in [*call_singles, *pieces])
+            key_blocks = len(_key_blocks(pieces, cfg.block_size))
+            bucket = smallest_prefill(prefill, tokens_in_call, context, key_blocks, cfg.block_size)
+            if bucket is None:
+                raise ValueError(
+                    f"no prefill graph fits {tokens_in_call} prompt tokens, a context of {context} and "
+                    f"{key_blocks} key blocks (neuron_config.prefill_lengths and context_lengths)"
+                )
             result, placed = self._run(bucket, call_singles, pieces, None)
             for j, row in enumerate(row for row, _ in placed if row.last):
                 out[row.index] = result[j]
@@ -215,27 +217,42 @@ class NeuronQwen2ForCausalLM:
         starts: Sequence[int],
         block_tables: Sequence[Sequence[int]],
         sampling: torch.Tensor,
-    ) -> torch.Tensor:
+        chunks: Sequence[int] = (),
+    ) -> torch.Tensor | None:
         """Decode rows carrying drafts, checked in one verify graph call. Row r is its last sampled token
         and then up to speculation_length drafts, at positions starts[r], starts[r] + 1, ...; a token is
         sampled after each of them, with sampling [rows, Q, 4] (a draw per token), Q = 1 + speculation_length.
         Returns them [rows, Q] (entries past a row's tokens are padding). Draft j + 1 is accepted when token j
         equals it and every draft before it was accepted: one-hot drafts accepted with the target's
         probability of the draft, a rejected one replaced by a sample of the target without it, as
-        rejection sampling does. All K/V the rows write stays; a caller overwrites rejected positions."""
+        rejection sampling does. All K/V the rows write stays; a caller overwrites rejected positions.
+
+        The rows numbered in `chunks` are prompt chunks instead, of any length, sampled after their last
+        token only (with sampling[r, 0], returned at [r, 0]). They ride along in the verify graph with the
+        largest prefill's prompt tokens when they need that size anyway and fit one call; else this returns
+        None (step without the drafts)."""
         self._check_paged(tokens, starts, block_tables, None)
         cfg, q_len = self.config, 1 + self.config.speculation_length
         if not cfg.speculation_length:
             raise ValueError("verify_paged needs neuron_config.speculation_length >= 1 (verify graphs)")
-        if max(map(len, tokens)) > q_len or tuple(sampling.shape) != (len(tokens), q_len, 4):
-            raise ValueError(
-                f"verify rows take 1 to {q_len} tokens and sampling [{len(tokens)}, {q_len}, 4], got rows of "
-                f"{[len(t) for t in tokens]} and {list(sampling.shape)}"
-            )
         rows = _rows(tokens, starts, block_tables)
-        bucket = self._decode_bucket(rows, sample=True, row_tokens=q_len)
-        result, _ = self._run(bucket, rows, [], sampling)
-        return result.view(bucket.rows, q_len)[: len(rows)]
+        pieces = [rows[i] for i in chunks]
+        drafting = [row for row in rows if row.index not in set(chunks)]
+        if max(len(row.tokens) for row in drafting) > q_len or tuple(sampling.shape) != (len(rows), q_len, 4):
+            raise ValueError(
+                f"verify rows take 1 to {q_len} tokens and sampling [{len(rows)}, {q_len}, 4], got rows of "
+                f"{[len(row.tokens) for row in drafting]} and {list(sampling.shape)}"
+            )
+        if pieces:
+            bucket = self._verify_bucket_with_prompt(drafting, pieces)
+            if bucket is None:
+                return None
+        else:
+            bucket = self._decode_bucket(drafting, sample=True, row_tokens=q_len)
+        result, placed = self._run(bucket, drafting, pieces, sampling)
+        out = torch.zeros(len(rows), q_len, dtype=torch.int64)
+        out[[row.index for row, _ in placed]] = result.view(bucket.rows, q_len)[: len(placed)]
+        return out
 
     @torch.no_grad()
     def score_paged(
@@ -262,6 +279,18 @@ class NeuronQwen2ForCausalLM:
         longest = max(r.end for r in rows)
         context = smallest_fitting(cfg.context_lengths, longest, "context", "context_lengths")
         return Bucket(batch, 0, context, sample, row_tokens=row_tokens)
+
+    def _verify_bucket_with_prompt(self, drafting: list[_Row], pieces: list[_Row]) -> Bucket | None:
+        """The verify graph with prompt tokens that fits these rows and prompt chunks in one call, if they
+        need the largest prefill size (a smaller prompt step would pad less without the drafts)."""
+        cfg, bs = self.config, self.config.block_size
+        tokens = sum(len(p.tokens) for p in pieces)
+        smaller = cfg.prefill_lengths[:-1]
+        if smaller and tokens <= smaller[-1]:
+            return None
+        candidates = [b for b in self.graphs if b.kind == "verify" and b.tokens]
+        context = max(r.end for r in [*drafting, *pieces])
+        return smallest_prefill(candidates, tokens, context, len(_key_blocks(pieces, bs)), bs)
 
     def _run(
         self, bucket: Bucket, singles: list[_Row], pieces: list[_Row], sampling: torch.Tensor | None
@@ -304,8 +333,12 @@ class NeuronQwen2ForCausalLM:
         key_starts = _padded(list(keys.values()), bucket.key_blocks(bs), 0)
 
         placed = [(row, first) for row, first in placed if row.index >= 0]
-        if bucket.scores or bucket.kind == "verify":  # every token
+        if bucket.scores:  # every token
             logit_index = list(range(bucket.logit_rows()))
+        elif bucket.kind == "verify":  # every row token; a prompt chunk's last one in a padding row's place
+            logit_index = list(range(bucket.logit_rows()))
+            for slot, (row, first) in enumerate(placed[len(singles) :], start=len(singles)):
+                logit_index[slot * bucket.row_tokens] = first + len(row.tokens) - 1
         else:  # each row ending here: its last token
             logit_index = [first + len(row.tokens) - 1 for row, first in placed if row.last]
         params = torch.zeros(bucket.logit_rows(), 4)

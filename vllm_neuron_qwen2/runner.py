@@ -9,9 +9,10 @@ for prompt logprobs run in the score graph instead, which returns every position
 prompt yields none. A row is sampled inside the graph when its parameters allow it (greedy, temperature,
 top-k, top-p, seed); any other row (logprobs, penalties, logits processors, a grammar) makes the step return
 logits, and is sampled on the host by vLLM's Sampler after its grammar bitmask is applied.
-With n-gram speculation, a decode step whose rows carry drafts runs in a verify graph, which samples after
-each draft; a row keeps its drafts up to the first one not sampled (speculation.py), and the proposer drafts
-the next step's tokens from each sequence.
+With n-gram speculation, a step whose rows carry drafts runs in a verify graph, which samples after each
+draft (and carries the step's prompt chunks when they fill the largest prefill); a row keeps its drafts up to
+the first one not sampled (speculation.py), and the proposer drafts the next step's tokens from each
+sequence.
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ class NeuronQwen2ModelRunner:
                 logger.info(
                     "speculative decoding: n-gram drafts, up to %d per row (n-grams of %d to %d tokens), "
                     "checked in verify graphs of %d tokens per row; rows sampled on the host (grammars, "
-                    "logprobs, penalties) get no drafts, and drafts in a step that also prefills are not "
-                    "checked (they count as rejected)",
+                    "logprobs, penalties) get no drafts, and drafts in a step that also prefills are "
+                    "checked only beside a full prompt chunk (else they count as rejected)",
                     spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                     1 + self.neuron_config.speculation_length,
                 )  # fmt: skip
@@ -224,11 +225,13 @@ class NeuronQwen2ModelRunner:
             self.neuron_config.on_device_sampling and (not emits[i] or reqs[i].can_sample_in_graph())
             for i in rows
         ]
-        # Drafts are checked when every row is a decode row sampled in the graph; in any other step (a
-        # prompt chunk, a row sampled on the host) they count as rejected and the rows decode one token.
-        if any(drafts) and all(len(c) == 1 for c in chunks) and all(in_graph) and not scored:
-            rows_with_drafts = [c + (d or []) for c, d in zip(chunks, drafts, strict=True)]
-            return self._run_verify(so, reqs, row_starts, rows_with_drafts)
+        # Drafts are checked when every row is sampled in the graph, in a verify graph, with the step's
+        # prompt chunks if they fill the largest prefill; in any other step (a smaller prompt step, a row
+        # sampled on the host) they count as rejected and the rows decode one token.
+        if any(drafts) and all(in_graph) and not scored:
+            step = self._run_verify(so, reqs, row_starts, chunks, drafts, emits)
+            if step is not None:
+                return step
         params = torch.tensor(
             [reqs[i].sampling_row() if in_graph[i] and emits[i] else [0.0] * 4 for i in rows]
         )
@@ -258,18 +261,36 @@ class NeuronQwen2ModelRunner:
         return _Step(so, reqs, emits, in_graph, params, result, done)
 
     def _run_verify(
-        self, so: SchedulerOutput, reqs: list[_Request], starts: list[int], tokens: list[list[int]]
-    ) -> _Step:
-        """One verify graph call: each row's last token and drafts, a fresh draw for every token."""
+        self,
+        so: SchedulerOutput,
+        reqs: list[_Request],
+        starts: list[int],
+        chunks: list[list[int]],
+        drafts: list[list[int] | None],
+        emits: list[bool],
+    ) -> _Step | None:
+        """One verify graph call: each decode row's last token and drafts, a fresh draw for every token;
+        prompt chunks sampled after their last token when it ends the prompt. None when the chunks do not
+        ride along (see `verify_paged`)."""
         width = 1 + self.neuron_config.speculation_length
+        tokens = [c + (d or []) for c, d in zip(chunks, drafts, strict=True)]
+        prompts = [i for i, c in enumerate(chunks) if len(c) > 1]
         sampling = torch.zeros(len(reqs), width, 4)
         for i, (req, row) in enumerate(zip(reqs, tokens, strict=True)):
-            sampling[i, : len(row)] = torch.tensor([req.sampling_row() for _ in row])
+            draws = 1 if i in prompts else len(row)
+            if emits[i]:
+                sampling[i, :draws] = torch.tensor([req.sampling_row() for _ in range(draws)])
         result = self.decoder.verify_paged(
-            tokens=tokens, starts=starts, block_tables=[r.block_ids for r in reqs], sampling=sampling
+            tokens=tokens,
+            starts=starts,
+            block_tables=[r.block_ids for r in reqs],
+            sampling=sampling,
+            chunks=prompts,
         )
-        emits = [True] * len(reqs)
-        return _Step(so, reqs, emits, emits, sampling[:, 0], result, {}, [row[1:] for row in tokens])
+        if result is None:
+            return None
+        row_drafts = [d or [] for d in drafts]
+        return _Step(so, reqs, emits, [True] * len(reqs), sampling[:, 0], result, {}, row_drafts)
 
     def _add_prompt_logprobs(self, req: _Request, start: int, logits: torch.Tensor) -> bool:
         """Score the prompt tokens this chunk predicts (position i predicts token i + 1) into the request's
@@ -303,7 +324,12 @@ class NeuronQwen2ModelRunner:
         order = [req.req_id for req in step.reqs]
         sampled: list[list[int]] = []
         for i, (req, emit) in enumerate(zip(step.reqs, step.emits, strict=True)):
-            new = accepted_tokens(step.drafts[i], tokens[i]) if step.drafts else [tokens[i]] if emit else []
+            if not emit:
+                new = []
+            elif step.drafts is not None:
+                new = accepted_tokens(step.drafts[i], tokens[i])
+            else:
+                new = [tokens[i]]
             req.output.extend(new)
             sampled.append(new)
         if self.proposer is not None:

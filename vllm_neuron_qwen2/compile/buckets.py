@@ -27,15 +27,16 @@ class Bucket(NamedTuple):
     def kind(self) -> str:
         if self.scores:
             return "score"
-        return "prefill" if self.tokens else "verify" if self.row_tokens > 1 else "decode"
+        return "verify" if self.row_tokens > 1 else "prefill" if self.tokens else "decode"
 
     def __str__(self) -> str:
-        if self.tokens and not self.scores:
-            shape = f"{self.rows}+{self.tokens}"
-        elif self.row_tokens > 1:
-            shape = f"{self.rows}x{self.row_tokens}"
+        rows = f"{self.rows}x{self.row_tokens}" if self.row_tokens > 1 else f"{self.rows}"
+        if self.scores:
+            shape = f"{self.tokens}"
+        elif self.tokens:
+            shape = f"{rows}+{self.tokens}"
         else:
-            shape = f"{self.rows or self.tokens}"
+            shape = rows
         return f"{self.kind}[{shape}x{self.context}{'+sample' if self.sample else ''}]"
 
     def row_token_count(self) -> int:
@@ -55,7 +56,8 @@ class Bucket(NamedTuple):
         return 1 + self.context // block_size + math.ceil(self.tokens / block_size)
 
     def logit_rows(self) -> int:
-        """Scores: every token; verify: every row token (each checks a draft); else one per row."""
+        """Scores: every token; verify: every row token (each checks a draft; a prompt chunk's last token
+        takes the first of a padding row's); else one per row."""
         return self.tokens if self.scores else self.row_token_count()
 
 
@@ -78,7 +80,8 @@ def all_buckets(config: NeuronConfig) -> list[Bucket]:
     smallest context, of LONG_CONTEXT_PREFILL_SIZES sizes beyond it. One score graph returns the logits of
     every token of up to SCORE_TOKENS prompt tokens at the longest context, for prompt logprobs. With
     speculation, verify graphs (every decode graph's rows and context, 1 + speculation_length tokens per
-    row) sample each row token, checking the row's drafts.
+    row) sample each row token, checking the row's drafts; and at each context one verify graph also takes
+    the largest prefill's prompt tokens, so that drafts ride along with the full chunks of a long prompt.
     """
     decode = [
         Bucket(rows, 0, context, config.on_device_sampling)
@@ -93,12 +96,13 @@ def all_buckets(config: NeuronConfig) -> list[Bucket]:
     ]
     score_tokens = min(SCORE_TOKENS, config.prefill_lengths[-1])
     score = Bucket(0, score_tokens, config.context_lengths[-1], False, True)
-    verify = [
-        Bucket(b.rows, 0, b.context, True, row_tokens=1 + config.speculation_length)
-        for b in decode
-        if config.speculation_length
+    q_len = 1 + config.speculation_length
+    verify = [Bucket(b.rows, 0, b.context, True, row_tokens=q_len) for b in decode]
+    verify += [
+        Bucket(config.batch_size, config.prefill_lengths[-1], context, True, row_tokens=q_len)
+        for context in config.context_lengths
     ]
-    return decode + verify + prefill + [score]
+    return decode + (verify if config.speculation_length else []) + prefill + [score]
 
 
 def describe(buckets: list[Bucket]) -> str:
@@ -119,7 +123,11 @@ def describe(buckets: list[Bucket]) -> str:
             f"{sizes({b.context for b in decode})}, {variant})"
         )
     if verify:
-        parts.append(f"{len(verify)} verify ({verify[0].row_tokens} tokens per row: 1 + drafts)")
+        with_prompt = sum(1 for b in verify if b.tokens)
+        parts.append(
+            f"{len(verify)} verify ({verify[0].row_tokens} tokens per row: 1 + drafts; {with_prompt} also "
+            f"with {max(b.tokens for b in verify)} prompt tokens)"
+        )
     if prefill:
         by_context = {}
         for b in prefill:
@@ -143,20 +151,13 @@ def smallest_fitting(sizes: list[int], needed: int, what: str, field: str) -> in
 
 def smallest_prefill(
     buckets: list[Bucket], tokens: int, context: int, key_blocks: int, block_size: int
-) -> Bucket:
-    """The prefill bucket of the smallest context, then the fewest tokens, that fits a step of `tokens`
-    prompt tokens, rows attending up to `context` positions and `key_blocks` key blocks."""
+) -> Bucket | None:
+    """Of `buckets` (with prompt tokens), the one of the smallest context, then the fewest tokens, that fits
+    a step of `tokens` prompt tokens, rows attending up to `context` positions and `key_blocks` key blocks;
+    None if none does."""
     fitting = [
         b
         for b in buckets
-        if b.kind == "prefill"
-        and b.tokens >= tokens
-        and b.context >= context
-        and b.key_blocks(block_size) >= key_blocks
+        if b.tokens >= tokens and b.context >= context and b.key_blocks(block_size) >= key_blocks
     ]
-    if not fitting:
-        raise ValueError(
-            f"no prefill graph fits {tokens} prompt tokens, a context of {context} and {key_blocks} key "
-            f"blocks (neuron_config.prefill_lengths and context_lengths)"
-        )
-    return min(fitting, key=lambda b: (b.context, b.tokens))
+    return min(fitting, key=lambda b: (b.context, b.tokens), default=None)
