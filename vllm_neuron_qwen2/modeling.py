@@ -237,7 +237,7 @@ class NeuronQwen2ForCausalLM:
             raise ValueError("verify_paged needs neuron_config.speculation_length >= 1 (verify graphs)")
         rows = _rows(tokens, starts, block_tables)
         pieces = [rows[i] for i in chunks]
-        drafting = [row for row in rows if row.index not in set(chunks)]
+        drafting = [row for row in rows if row not in pieces]
         if max(len(row.tokens) for row in drafting) > q_len or tuple(sampling.shape) != (len(rows), q_len, 4):
             raise ValueError(
                 f"verify rows take 1 to {q_len} tokens and sampling [{len(rows)}, {q_len}, 4], got rows of "
