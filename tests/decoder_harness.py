@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM
+from vllm_neuron_qwen2.model.sampling import bitmask_words
 
 # A session over 3 of 4 slots, with prompts of exactly a bucket's length (16) and one more (17), a slot
 # reused after its sequence ends, and decode steps over a subset of the slots.
@@ -114,10 +115,12 @@ def play_context_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 
 
 def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6):
     """Yield the result of every call of a session whose decode rows carry 0 to speculation_length drafts
-    (verify graphs: the greedy token after each row token), crossing the 32 -> 64 context buckets; in one
-    step a prompt's 56-token chunk rides along. Every draft is kept, teacher-forced, whatever was sampled."""
+    (verify graphs: the greedy token after each row token, on odd steps among the tokens a random bitmask
+    allows, as a grammar's does), crossing the 32 -> 64 context buckets; in one step a prompt's 56-token
+    chunk rides along. Every draft is kept, teacher-forced, whatever was sampled."""
     gen = torch.Generator().manual_seed(seed)
     width = 1 + model.config.speculation_length
+    words = bitmask_words(model.vocab_size)
 
     def tokens(n: int) -> list[int]:
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
@@ -130,11 +133,15 @@ def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6
         for name, new in rows.items():
             seqs[name] += new
         chunk = [tokens(56)] if step == 3 else []  # fills more than the second-largest prefill (48)
+        shape = (len(rows) + len(chunk), width, words)
         yield model.verify_paged(
             tokens=[*rows.values(), *chunk],
             starts=[*starts, *[0] * len(chunk)],
             block_tables=[tables[name] for name in rows] + [list(range(17, 25))] * len(chunk),
             sampling=torch.zeros(len(rows) + len(chunk), width, 4),
+            token_bitmask=torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int32)
+            if step % 2
+            else None,
             chunks=[len(rows)] * len(chunk),
         )
 

@@ -243,7 +243,7 @@ def test_neuron_graph_returns_its_kv_caches_as_aliased_outputs(tiny_qwen2: Path)
     state.load_state_dict(plain.state_dict(), strict=False)
     bucket = all_buckets(config)[0]
     graph = stateful.StatefulGraph(state, bucket)
-    inputs = example_inputs(bucket, config.block_size)
+    inputs = example_inputs(bucket, config.block_size, shape.vocab_size)
     result, *caches = graph(*inputs, stateful.route(0))
     assert torch.allclose(result, BucketGraph(plain, bucket)(*inputs))
     pool = list(state.kv_cache.parameters())

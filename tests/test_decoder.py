@@ -21,6 +21,7 @@ from vllm_neuron_qwen2.model.checkpoint import CheckpointError, load_checkpoint
 from vllm_neuron_qwen2.model.graphs import BucketGraph, example_inputs
 from vllm_neuron_qwen2.model.parallel import TPGroup
 from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
+from vllm_neuron_qwen2.model.sampling import allowed_tokens, bitmask_words
 
 TOL = 2e-3
 HERE = Path(__file__).parent
@@ -223,6 +224,57 @@ def test_in_graph_sampling_greedy_matches_argmax_and_respects_top_k(tiny_qwen2):
         assert token[0].item() in top2 and token[1].item() == logits[1].argmax().item()
 
 
+def bitmask_of(allowed: list[list[int] | None], vocab: int) -> torch.Tensor:
+    """[rows, words] int32 in vLLM's grammar bitmask layout; None: every token."""
+    bitmask = torch.zeros(len(allowed), bitmask_words(vocab), dtype=torch.int32)
+    for row, tokens in enumerate(allowed):
+        if tokens is None:
+            bitmask[row] = -1
+        for t in tokens or ():
+            bitmask[row, t // 32] |= torch.tensor(1 << (t % 32)).to(torch.int32)
+    return bitmask
+
+
+def test_token_bitmasks_are_read_as_xgrammar_writes_them():
+    # vLLM's grammar bitmasks come from xgrammar (or are laid out as its): a bit per token, low bit first
+    import xgrammar
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (70, 96):
+        bitmask = torch.randint(
+            -(2**31), 2**31 - 1, (3, bitmask_words(vocab)), dtype=torch.int32, generator=gen
+        )
+        logits = torch.zeros(3, vocab)
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask)
+        assert torch.equal(allowed_tokens(bitmask, vocab), logits == 0)
+    assert torch.equal(
+        allowed_tokens(bitmask_of([[0, 33, 69], None], 70), 70).nonzero()[:3, 1], torch.tensor([0, 33, 69])
+    )
+
+
+def test_sampling_keeps_to_the_token_bitmask_in_prefill_and_decode_graphs(tiny_qwen2):
+    # a row may sample only the tokens its bitmask allows (a grammar's): greedy takes the best of them,
+    # temperature draws among them; on the host after a prefill step and inside the decode graph
+    model = load(tiny_qwen2)
+    vocab = model.vocab_size
+    tables = [model.slot_blocks(0), model.slot_blocks(1)]
+    prompts = [[5, 6, 7], [8, 9]]
+    for tokens, starts in ((prompts, [0, 0]), ([[11], [12]], [3, 2])):
+        logits = model.step_paged(tokens=tokens, starts=starts, block_tables=tables)
+        allowed = logits[0].topk(6).indices[2:].tolist()  # not the two best
+        bitmask = bitmask_of([allowed, None], vocab)
+        for u in torch.linspace(0, 0.999, 5).tolist():
+            params = torch.tensor([[1.0, 0, 1.0, u], [0.0, 0, 1.0, u]])
+            for greedy in (True, False):
+                params[0, 0] = 0.0 if greedy else 1.0
+                got = model.step_paged(
+                    tokens=tokens, starts=starts, block_tables=tables, sampling=params, token_bitmask=bitmask
+                ).tolist()
+                assert got[0] == allowed[0] if greedy else got[0] in allowed
+                assert got[1] == logits[1].argmax().item()
+    assert any(b.kind == "decode" and b.sample for b in model.padding.real), "the decode graph sampled"
+
+
 def test_strict_export_of_a_prefill_a_decode_and_a_score_bucket(tiny_qwen2):
     # the backend-neutral graphs, as a Neuron tracer gets them (the cpu backend prepacks weights for oneDNN)
     config = NeuronConfig(**CONFIG).resolve(Qwen2Shape.from_pretrained(tiny_qwen2))
@@ -234,7 +286,8 @@ def test_strict_export_of_a_prefill_a_decode_and_a_score_bucket(tiny_qwen2):
         Bucket(0, 32, 64, False, True),
     ):
         graph = BucketGraph(decoder, bucket)
-        exported = torch.export.export(graph, example_inputs(bucket, config.block_size), strict=True)
+        inputs = example_inputs(bucket, config.block_size, decoder.shape.vocab_size)
+        exported = torch.export.export(graph, inputs, strict=True)
         assert exported.graph_module is not None
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from decoder_harness import CONTEXTS, load
 from test_compile import plan
+from test_decoder import bitmask_of
 from transformers import Qwen2ForCausalLM
 
 from vllm_neuron_qwen2.compile.artifacts import check_compatible
 from vllm_neuron_qwen2.config import ConfigError, NeuronConfig, Qwen2Shape
-from vllm_neuron_qwen2.model.sampling import TEMPERATURE, TOP_P, UNIFORM, sample
+from vllm_neuron_qwen2.model.sampling import TEMPERATURE, TOP_P, UNIFORM, bitmask_words, sample
 from vllm_neuron_qwen2.speculation import NgramProposer, accepted_tokens
 
 TOL = 2e-3
@@ -66,6 +67,34 @@ def test_verify_graph_checks_drafts_like_hf_greedy(make_checkpoint):
             seqs[name] += new
     assert accepted >= 10
     assert {b.context for b in model.padding.real if b.kind == "verify"} == {32, 64, 256}
+
+
+def test_verify_graph_samples_each_position_within_its_token_bitmask(tiny_qwen2):
+    # a grammar row's bitmask at each row token (vLLM's layout: the grammar state after the drafts before
+    # it): forbidding the draft the graph would otherwise sample rejects it, and the token sampled there
+    # is HF's best among the allowed ones
+    hf = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    model = load(tiny_qwen2, **CONTEXTS, speculation_length=K)
+    seq = [5, 6, 7, 8, 9]
+    seq.append(
+        model.step_paged(tokens=[seq], starts=[0], block_tables=[list(range(1, 33))])[0].argmax().item()
+    )
+    row = [seq[-1], *greedy(hf, seq, K)]  # drafts HF itself would take
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor([seq[:-1] + row])).logits[0, len(seq) - 1 :]
+    forbidden = 1  # the second draft is refused at its position
+    allowed = hf_logits[forbidden].topk(8).indices[1:].tolist()
+    bitmask = torch.full((1, K + 1, bitmask_words(model.vocab_size)), -1, dtype=torch.int32)
+    bitmask[0, forbidden] = bitmask_of([allowed], model.vocab_size)[0]
+    out = model.verify_paged(
+        tokens=[row],
+        starts=[len(seq) - 1],
+        block_tables=[list(range(1, 33))],
+        sampling=torch.zeros(1, K + 1, 4),
+        token_bitmask=bitmask,
+    )[0].tolist()
+    assert out[:forbidden] == row[1 : 1 + forbidden] and out[forbidden] == allowed[0] != row[1 + forbidden]
+    assert accepted_tokens(row[1:], out) == [*row[1 : 1 + forbidden], allowed[0]]
 
 
 def test_a_full_prompt_chunk_rides_along_with_drafts(make_checkpoint):

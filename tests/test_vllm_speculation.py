@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -135,25 +136,39 @@ def test_sampled_output_is_seeded_and_distributed_as_without_speculation(
     assert chi_square_p(*counts) > 0.01
 
 
-def test_structured_output_holds_with_speculation(make_checkpoint: Callable[..., Path]) -> None:
-    # a row under a grammar is sampled on the host and drafts nothing; its batch mates still speculate
+def test_grammar_rows_speculate_within_their_grammar(make_checkpoint: Callable[..., Path]) -> None:
+    # A row under a grammar drafts too: vLLM's scheduler keeps its drafts up to the first one the grammar
+    # refuses (this prompt offers "x" after "ab", which the regex refuses), and the verify graph samples
+    # each position among the tokens the grammar's bitmask allows there. Its greedy output equals the same
+    # request sampled on the host (logprobs: no drafts, the bitmask applied to logits); drafts were checked,
+    # some accepted and some rejected. Beside other rows: they speculate and equal HF, and a seeded
+    # temperature-1 grammar row is valid and reproduces.
     from vllm.sampling_params import StructuredOutputsParams
 
     model_dir = make_checkpoint()
     llm = make_llm(model_dir, speculative_config=ngram(3))
     try:
-        prompts = copying_prompts(3, seed=14)
-        regex = sampling(
-            temperature=0.0,
-            max_tokens=12,
-            structured_outputs=StructuredOutputsParams(regex="[a-c]{3}-[0-9]{2}"),
-        )
-        free = sampling(temperature=0.0, max_tokens=12, ignore_eos=True)
-        outputs = llm.generate(prompts, [regex, free, free], use_tqdm=False)
-        import re
+        regex = "([a-c]{3}-){6}"
+        grammar = StructuredOutputsParams(regex=regex)
+        prompt = {"prompt_token_ids": llm.get_tokenizer().encode("cab-abx-bcx-ab")}
+        greedy = sampling(temperature=0.0, max_tokens=40, structured_outputs=grammar)
+        drafted = generate(llm, [prompt], greedy)[0]
+        drafts, accepted = (metric(llm, f"vllm:spec_decode_num_{n}_tokens") for n in ("draft", "accepted"))
+        assert drafts > accepted > 0, (drafts, accepted)
+        on_host = generate(
+            llm, [prompt], sampling(temperature=0.0, max_tokens=40, structured_outputs=grammar, logprobs=1)
+        )[0]
+        assert metric(llm, "vllm:spec_decode_num_draft_tokens") == drafts, "a host-sampled row drafts nothing"
+        assert drafted.token_ids == on_host.token_ids and re.fullmatch(regex, drafted.text), drafted.text
 
-        assert re.fullmatch("[a-c]{3}-[0-9]{2}", outputs[0].outputs[0].text)
-        check_greedy(model_dir, prompts[1:], [o.outputs[0] for o in outputs[1:]])
+        copying = copying_prompts(2, seed=14)
+        seeded = sampling(temperature=1.0, seed=3, max_tokens=40, structured_outputs=grammar)
+        free = sampling(temperature=0.0, max_tokens=12, ignore_eos=True)
+        outputs = generate(llm, [prompt, prompt, *copying], [greedy, seeded, free, free])
+        assert outputs[0].token_ids == drafted.token_ids
+        assert re.fullmatch(regex, outputs[1].text), outputs[1].text
+        assert generate(llm, [prompt], seeded)[0].token_ids == outputs[1].token_ids
+        check_greedy(model_dir, copying, outputs[2:])
     finally:
         shutdown(llm)
 

@@ -115,7 +115,7 @@ def test_each_bucket_compiles_once_and_a_step_updates_the_pool_in_place(tiny_qwe
     pool = 2 * model.decoder.shape.num_hidden_layers
     before = xla_graphs.compilations()
     for bucket, graph in model.graphs.items():
-        graph(*example_inputs(bucket, model.config.block_size))
+        graph(*example_inputs(bucket, model.config.block_size, model.vocab_size))
         assert xla_graphs.last_aliases() == pool
     assert xla_graphs.compilations() - before == len(model.graphs)
 
@@ -162,7 +162,8 @@ def test_tensor_parallel_graphs_lower_to_xla_collectives(
     for i, bucket in enumerate(all_buckets(config)):
         torch_xla._XLAC._set_all_reduce_token(xm._get_device_context().device, None)  # this graph's alone
         decoder = state_decoder(shape, config, xla_graphs.XlaGroup(0, 2)).to(device)
-        inputs = [t.to(device) for t in (*example_inputs(bucket, config.block_size), route(i))]
+        example = example_inputs(bucket, config.block_size, shape.vocab_size)
+        inputs = [t.to(device) for t in (*example, route(i))]
         hlo = torch_xla._XLAC._get_xla_tensors_hlo(list(StatefulGraph(decoder, bucket)(*inputs)))
         assert len(re.findall(r"\ball-reduce\(", hlo)) == 1 + 2 * shape.num_hidden_layers, bucket
         assert len(re.findall(r"\ball-gather\(", hlo)) == 1, bucket

@@ -30,7 +30,7 @@ from .config import NeuronConfig, Qwen2Shape
 from .model.kv_cache import PADDING_BLOCK
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
-from .model.sampling import sample
+from .model.sampling import all_tokens_bitmask, bitmask_words, sample
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class NeuronQwen2ForCausalLM:
         starts: Sequence[int],
         block_tables: Sequence[Sequence[int]],
         sampling: torch.Tensor | None = None,
+        token_bitmask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One serving step over paged sequences. Row r continues its sequence with `tokens[r]` at positions
         `starts[r]`, `starts[r] + 1`, ...: their K/V go into the blocks `block_tables[r]` (block ids in
@@ -172,7 +173,9 @@ class NeuronQwen2ForCausalLM:
         be shared by rows whose sequences share a prefix, as long as no row writes a shared block.
 
         Returns the logits of each row's last token [rows, vocab], or, with `sampling` [rows, 4]
-        (temperature, top_k, top_p, uniform draw; see model/sampling.py), sampled token ids [rows].
+        (temperature, top_k, top_p, uniform draw; see model/sampling.py), sampled token ids [rows], each
+        among the tokens its row of `token_bitmask` allows ([rows, ceil(vocab / 32)] int32, vLLM's grammar
+        bitmask layout; None: any token).
 
         One-token rows run in a decode graph. Rows of several tokens (prompt chunks) are packed end to end
         into a prefill graph that also carries the one-token rows, so a step streams the weights once (so do
@@ -180,14 +183,14 @@ class NeuronQwen2ForCausalLM:
         prefill bucket continue in further calls. Each graph attends the smallest context bucket that covers
         the step's longest row.
         """
-        self._check_paged(tokens, starts, block_tables, sampling)
+        self._check_paged(tokens, starts, block_tables, sampling, token_bitmask)
         cfg = self.config
         rows = _rows(tokens, starts, block_tables)
         singles = [row for row in rows if len(row.tokens) == 1]
         chunks = [row for row in rows if len(row.tokens) > 1]
         if not chunks and (sampling is not None or not cfg.on_device_sampling):  # a decode graph
             bucket = self._decode_bucket(singles, cfg.on_device_sampling, row_tokens=1)
-            result, _ = self._run(bucket, singles, [], sampling)
+            result, _ = self._run(bucket, singles, [], sampling, token_bitmask)
             return result[: len(rows)]  # every row is a single, in order
         prefill = [b for b in self.graphs if b.kind == "prefill"]
         most_keys = max(b.key_blocks(cfg.block_size) for b in prefill)
@@ -203,11 +206,11 @@ class NeuronQwen2ForCausalLM:
                     f"no prefill graph fits {tokens_in_call} prompt tokens, a context of {context} and "
                     f"{key_blocks} key blocks (neuron_config.prefill_lengths and context_lengths)"
                 )
-            result, placed = self._run(bucket, call_singles, pieces, None)
+            result, placed = self._run(bucket, call_singles, pieces)
             for j, row in enumerate(row for row, _ in placed if row.last):
                 out[row.index] = result[j]
         logits = torch.stack(out)
-        return logits if sampling is None else sample(logits, sampling, cfg.max_topk)
+        return logits if sampling is None else sample(logits, sampling, cfg.max_topk, token_bitmask)
 
     @torch.no_grad()
     def verify_paged(
@@ -217,12 +220,14 @@ class NeuronQwen2ForCausalLM:
         starts: Sequence[int],
         block_tables: Sequence[Sequence[int]],
         sampling: torch.Tensor,
+        token_bitmask: torch.Tensor | None = None,
         chunks: Sequence[int] = (),
     ) -> torch.Tensor | None:
         """Decode rows carrying drafts, checked in one verify graph call. Row r is its last sampled token
         and then up to speculation_length drafts, at positions starts[r], starts[r] + 1, ...; a token is
-        sampled after each of them, with sampling [rows, Q, 4] (a draw per token), Q = 1 + speculation_length.
-        Returns them [rows, Q] (entries past a row's tokens are padding). Draft j + 1 is accepted when token j
+        sampled after each of them, with sampling [rows, Q, 4] (a draw per token), Q = 1 + speculation_length,
+        among the tokens token_bitmask [rows, Q, ceil(vocab / 32)] allows there (None: any). Returns them
+        [rows, Q] (entries past a row's tokens are padding). Draft j + 1 is accepted when token j
         equals it and every draft before it was accepted: one-hot drafts accepted with the target's
         probability of the draft, a rejected one replaced by a sample of the target without it, as
         rejection sampling does. All K/V the rows write stays; a caller overwrites rejected positions.
@@ -231,17 +236,23 @@ class NeuronQwen2ForCausalLM:
         token only (with sampling[r, 0], returned at [r, 0]). They ride along in the verify graph with the
         largest prefill's prompt tokens when they need that size anyway and fit one call; else this returns
         None (step without the drafts)."""
-        self._check_paged(tokens, starts, block_tables, None)
+        self._check_paged(tokens, starts, block_tables, None, None)
         cfg, q_len = self.config, 1 + self.config.speculation_length
         if not cfg.speculation_length:
             raise ValueError("verify_paged needs neuron_config.speculation_length >= 1 (verify graphs)")
         rows = _rows(tokens, starts, block_tables)
         pieces = [rows[i] for i in chunks]
         drafting = [row for row in rows if row not in pieces]
-        if max(len(row.tokens) for row in drafting) > q_len or tuple(sampling.shape) != (len(rows), q_len, 4):
+        words = (len(rows), q_len, bitmask_words(self.vocab_size))
+        if (
+            max(len(row.tokens) for row in drafting) > q_len
+            or tuple(sampling.shape) != (len(rows), q_len, 4)
+            or (token_bitmask is not None and tuple(token_bitmask.shape) != words)
+        ):
             raise ValueError(
-                f"verify rows take 1 to {q_len} tokens and sampling [{len(rows)}, {q_len}, 4], got rows of "
-                f"{[len(row.tokens) for row in drafting]} and {list(sampling.shape)}"
+                f"verify rows take 1 to {q_len} tokens, sampling [{len(rows)}, {q_len}, 4] and token_bitmask "
+                f"{list(words)}, got rows of {[len(row.tokens) for row in drafting]}, {list(sampling.shape)} "
+                f"and {None if token_bitmask is None else list(token_bitmask.shape)}"
             )
         if pieces:
             bucket = self._verify_bucket_with_prompt(drafting, pieces)
@@ -249,7 +260,7 @@ class NeuronQwen2ForCausalLM:
                 return None
         else:
             bucket = self._decode_bucket(drafting, sample=True, row_tokens=q_len)
-        result, placed = self._run(bucket, drafting, pieces, sampling)
+        result, placed = self._run(bucket, drafting, pieces, sampling, token_bitmask)
         out = torch.zeros(len(rows), q_len, dtype=torch.int64)
         out[[row.index for row, _ in placed]] = result.view(bucket.rows, q_len)[: len(placed)]
         return out
@@ -261,13 +272,13 @@ class NeuronQwen2ForCausalLM:
         """Like `step_paged` without sampling, but returns the logits of every token of each row: a
         [len(tokens[r]), vocab] tensor per row (prompt logprobs). Runs in the score graph, in as many calls
         as the rows' tokens need."""
-        self._check_paged(tokens, starts, block_tables, None)
+        self._check_paged(tokens, starts, block_tables, None, None)
         (bucket,) = [b for b in self.graphs if b.scores]
         rows = _rows(tokens, starts, block_tables)
         out: list[list[torch.Tensor]] = [[] for _ in rows]
         bs = self.config.block_size
         for pieces in _pack(rows, bucket.tokens, bucket.key_blocks(bs), bs):
-            result, placed = self._run(bucket, [], pieces, None)
+            result, placed = self._run(bucket, [], pieces)
             for piece, first in placed:
                 out[piece.index].append(result[first : first + len(piece.tokens)])
         return [torch.cat(parts) for parts in out]
@@ -293,7 +304,12 @@ class NeuronQwen2ForCausalLM:
         return smallest_prefill(candidates, tokens, context, len(_key_blocks(pieces, bs)), bs)
 
     def _run(
-        self, bucket: Bucket, singles: list[_Row], pieces: list[_Row], sampling: torch.Tensor | None
+        self,
+        bucket: Bucket,
+        singles: list[_Row],
+        pieces: list[_Row],
+        sampling: torch.Tensor | None = None,
+        token_bitmask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[_Row, int]]]:
         """Run one bucket graph over decode rows and prompt pieces, padded to the bucket's shapes (padding
         tokens write into block 0 and read it). Returns the graph's result, one row per row that ends in
@@ -341,10 +357,14 @@ class NeuronQwen2ForCausalLM:
                 logit_index[slot * bucket.row_tokens] = first + len(row.tokens) - 1
         else:  # each row ending here: its last token
             logit_index = [first + len(row.tokens) - 1 for row, first in placed if row.last]
+        # per row [rows, ...], or a verify call's [rows, Q, ...]: one entry per logit row
+        ending = [row.index for row, _ in placed if row.last]
         params = torch.zeros(bucket.logit_rows(), 4)
-        if sampling is not None:  # [rows, 4], or a verify call's [rows, Q, 4]
-            picked = sampling[[row.index for row, _ in placed if row.last]].reshape(-1, 4)
-            params[: len(picked)] = picked
+        bitmask = all_tokens_bitmask(bucket.logit_rows(), self.vocab_size)
+        for given, padded in ((sampling, params), (token_bitmask, bitmask)):
+            if given is not None:
+                picked = given[ending].flatten(0, -2)
+                padded[: len(picked)] = picked
         began = time.perf_counter()
         result = self.graphs[bucket](
             torch.tensor(ids),
@@ -356,6 +376,7 @@ class NeuronQwen2ForCausalLM:
             visible,
             torch.tensor(_padded(logit_index, bucket.logit_rows(), 0)),
             params,
+            bitmask,
         )
         self.padding.graph_seconds += time.perf_counter() - began
         self.padding.graph_calls += 1
@@ -363,7 +384,7 @@ class NeuronQwen2ForCausalLM:
         self.padding.add(bucket, real)
         return result, placed
 
-    def _check_paged(self, tokens, starts, block_tables, sampling) -> None:
+    def _check_paged(self, tokens, starts, block_tables, sampling, token_bitmask) -> None:
         cfg, n = self.config, len(tokens)
         if len(starts) != n or len(block_tables) != n:
             raise ValueError(f"{n} token rows but {len(starts)} starts and {len(block_tables)} block tables")
@@ -391,6 +412,13 @@ class NeuronQwen2ForCausalLM:
                 raise ValueError("sampling= needs neuron_config.on_device_sampling=true")
             if tuple(sampling.shape) != (n, 4):
                 raise ValueError(f"sampling must be a [{n}, 4] tensor, got {list(sampling.shape)}")
+        if token_bitmask is not None:
+            words = bitmask_words(self.vocab_size)
+            if sampling is None or tuple(token_bitmask.shape) != (n, words):
+                raise ValueError(
+                    f"token_bitmask must be a [{n}, {words}] int32 tensor beside sampling=, got "
+                    f"{list(token_bitmask.shape)}"
+                )
 
 
 @dataclass

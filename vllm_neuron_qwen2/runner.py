@@ -1,14 +1,14 @@
 """Model runner: vLLM scheduler steps -> paged rows (tokens, start, block table) -> graph calls -> tokens.
 
-`execute_model` forgets finished requests, admits new ones (possibly with a prefix-cache hit), follows the
+`execute_model` forgets finished requests, admits new ones (possibly with a prefix-cache hit) and follows the
 block tables vLLM's block pool hands out (appended blocks, or a new table for a request resumed after
-preemption), and runs every scheduled chunk as one model step: a decode graph when every row has one token,
-else a prefill graph that packs the prompt chunks and carries the one-token rows. Rows of requests that ask
-for prompt logprobs run in the score graph instead, which returns every position's logits.
-`sample_tokens(grammar_output)` then picks each row's token. A row whose chunk does not reach the end of its
-prompt yields none. A row is sampled inside the graph when its parameters allow it (greedy, temperature,
-top-k, top-p, seed); any other row (logprobs, penalties, logits processors, a grammar) makes the step return
-logits, and is sampled on the host by vLLM's Sampler after its grammar bitmask is applied.
+preemption). `sample_tokens(grammar_output)`, which brings the grammar bitmask, runs every scheduled chunk as
+one model step: a decode graph when every row has one token, else a prefill graph that packs the prompt
+chunks and carries the one-token rows. Rows of requests that ask for prompt logprobs run in the score graph
+instead, which returns every position's logits. A row whose chunk does not reach the end of its prompt yields
+no token. A row is sampled inside the graph when its parameters allow it (greedy, temperature, top-k, top-p,
+seed, a grammar: its bitmask is a graph input); any other row (logprobs, penalties, logits processors) makes
+the step return logits, and is sampled on the host by vLLM's Sampler after its grammar bitmask is applied.
 With n-gram speculation, a step whose rows carry drafts runs in a verify graph, which samples after each
 draft (and carries the step's prompt chunks when they fill the largest prefill); a row keeps its drafts up to
 the first one not sampled (speculation.py), and the proposer drafts the next step's tokens from each
@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,8 +37,8 @@ from vllm.v1.outputs import (
 from vllm.v1.sample.logits_processor import BatchUpdate, build_logitsprocs
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.sampler import Sampler
-from vllm.v1.structured_output.utils import apply_grammar_bitmask
 
+from .model.sampling import all_tokens_bitmask, allowed_tokens
 from .model.sampling import sample as sample_in_graph_style
 from .speculation import DraftProposer, NgramProposer, accepted_tokens
 
@@ -86,11 +85,10 @@ class _Request:
         return tokens
 
     def can_sample_in_graph(self) -> bool:
-        """True when only greedy/temperature/top-k/top-p/seed apply to this row's next token."""
+        """True when only greedy/temperature/top-k/top-p/seed and a grammar apply to this row's next token."""
         p = self.params
         return not (
             p.logprobs is not None
-            or p.structured_outputs is not None
             or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0
             or p.repetition_penalty != 1.0
@@ -112,13 +110,13 @@ class _Request:
 
 @dataclass
 class _Step:
-    """A model step between `execute_model` and `sample_tokens`."""
+    """A model step's graph results, before the host picks the tokens."""
 
-    scheduler_output: SchedulerOutput
     reqs: list[_Request]  # rows, in scheduler order
     emits: list[bool]  # the row's chunk reaches the end of its known tokens: it yields a token
     in_graph: list[bool]  # the row samples as the graph does (else vLLM's Sampler on the host)
     params: torch.Tensor  # [rows, 4] in-graph sampling parameters
+    token_bitmask: torch.Tensor | None  # [rows, words]: the tokens a row under a grammar may sample
     # token ids [rows] when the graph sampled every row (a verify graph: [rows, 1 + drafts] after each row
     # token), else logits [rows, vocab]
     result: torch.Tensor
@@ -144,7 +142,7 @@ class NeuronQwen2ModelRunner:
         self.tp_group = get_tp_group() if self.decoder.decoder.tp.group is not None else None
         self.requests: dict[str, _Request] = {}
         self._logitsprocs_rows: list[str] = []  # request id per row, as the logits processors last saw it
-        self._step: _Step | None = None
+        self._scheduled: tuple[SchedulerOutput, dict[str, int]] | None = None  # for sample_tokens to run
         spec = vllm_config.speculative_config
         self.proposer: DraftProposer | None = None
         if spec is not None:
@@ -154,9 +152,9 @@ class NeuronQwen2ModelRunner:
             if self.decoder.decoder.tp.rank == 0:
                 logger.info(
                     "speculative decoding: n-gram drafts, up to %d per row (n-grams of %d to %d tokens), "
-                    "checked in verify graphs of %d tokens per row; rows sampled on the host (grammars, "
-                    "logprobs, penalties) get no drafts, and drafts in a step that also prefills are "
-                    "checked only beside a full prompt chunk (else they count as rejected)",
+                    "checked in verify graphs of %d tokens per row; rows sampled on the host (logprobs, "
+                    "penalties) get no drafts, and drafts in a step that also prefills are checked only "
+                    "beside a full prompt chunk (else they count as rejected)",
                     spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                     1 + self.neuron_config.speculation_length,
                 )  # fmt: skip
@@ -168,7 +166,8 @@ class NeuronQwen2ModelRunner:
     def execute_model(
         self, scheduler_output: SchedulerOutput, intermediate_tensors: None = None
     ) -> ModelRunnerOutput | None:
-        """Run the step's graphs; `sample_tokens` picks the tokens and hands the output over.
+        """Take the step's requests and block tables; `sample_tokens` runs the graphs (it has the grammar
+        bitmask, an input of the graphs that sample) and hands the output over.
 
         `intermediate_tensors` (pipeline parallelism, refused) is passed by vLLM 0.16's Ray workers."""
         began = time.perf_counter()
@@ -181,8 +180,7 @@ class NeuronQwen2ModelRunner:
         self._update_cached(so.scheduled_cached_reqs, starts)
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        self._step = self._run_model(so, starts)
-        self.steps += 1
+        self._scheduled = (so, starts)
         self.step_seconds += time.perf_counter() - began
         return None
 
@@ -203,7 +201,9 @@ class NeuronQwen2ModelRunner:
             elif new_blocks is not None:
                 req.block_ids.extend(new_blocks[0])
 
-    def _run_model(self, so: SchedulerOutput, starts: dict[str, int]) -> _Step:
+    def _run_model(
+        self, so: SchedulerOutput, starts: dict[str, int], grammar_output: GrammarOutput | None
+    ) -> _Step:
         """One model step over the scheduled chunks. Rows whose request still needs prompt logprobs run in
         the score graph; the rest in one step graph, sampling inside it when every row allows it. Rows that
         emit no token draw no random number (a seeded generator stays where it is)."""
@@ -228,10 +228,12 @@ class NeuronQwen2ModelRunner:
         # Drafts are checked when every row is sampled in the graph, in a verify graph, with the step's
         # prompt chunks if they fill the largest prefill; in any other step (a smaller prompt step, a row
         # sampled on the host) they count as rejected and the rows decode one token.
+        bitmasks = self._token_bitmasks(so, order, grammar_output)
         if any(drafts) and all(in_graph) and not scored:
-            step = self._run_verify(so, reqs, row_starts, chunks, drafts, emits)
+            step = self._run_verify(reqs, row_starts, chunks, drafts, emits, bitmasks)
             if step is not None:
                 return step
+        bitmask = None if bitmasks is None else bitmasks[:, 0]
         params = torch.tensor(
             [reqs[i].sampling_row() if in_graph[i] and emits[i] else [0.0] * 4 for i in rows]
         )
@@ -246,7 +248,7 @@ class NeuronQwen2ModelRunner:
             )
 
         if sampling is not None:
-            result = run(self.decoder.step_paged, stepped, sampling=sampling)
+            result = run(self.decoder.step_paged, stepped, sampling=sampling, token_bitmask=bitmask)
         else:
             result = torch.empty(len(reqs), self.vocab_size)
             if stepped:
@@ -258,16 +260,36 @@ class NeuronQwen2ModelRunner:
                 if self._add_prompt_logprobs(reqs[i], row_starts[i], scores):
                     done[reqs[i].req_id] = reqs[i].prompt_logprobs
                     reqs[i].prompt_logprobs = None
-        return _Step(so, reqs, emits, in_graph, params, result, done)
+        return _Step(reqs, emits, in_graph, params, bitmask, result, done)
+
+    def _token_bitmasks(
+        self, so: SchedulerOutput, order: list[str], grammar_output: GrammarOutput | None
+    ) -> torch.Tensor | None:
+        """[rows, 1 + K, words] int32: the tokens each row may sample after each of its tokens, every token
+        for rows without a grammar; None when no row has one. vLLM's bitmask holds, in its own request
+        order, 1 + the scheduled drafts rows for each request under a grammar, the grammar state after
+        each draft (vLLM 0.16 and 0.32 alike)."""
+        if grammar_output is None:
+            return None
+        width = 1 + self.neuron_config.speculation_length
+        out = all_tokens_bitmask(len(order) * width, self.vocab_size).view(len(order), width, -1)
+        given = torch.from_numpy(grammar_output.grammar_bitmask)
+        row_of = {req_id: row for row, req_id in enumerate(order)}
+        at = 0
+        for req_id in grammar_output.structured_output_request_ids:
+            n = 1 + len(so.scheduled_spec_decode_tokens.get(req_id, ()))
+            out[row_of[req_id], :n] = given[at : at + n]
+            at += n
+        return out
 
     def _run_verify(
         self,
-        so: SchedulerOutput,
         reqs: list[_Request],
         starts: list[int],
         chunks: list[list[int]],
         drafts: list[list[int] | None],
         emits: list[bool],
+        bitmasks: torch.Tensor | None,
     ) -> _Step | None:
         """One verify graph call: each decode row's last token and drafts, a fresh draw for every token;
         prompt chunks sampled after their last token when it ends the prompt. None when the chunks do not
@@ -285,12 +307,13 @@ class NeuronQwen2ModelRunner:
             starts=starts,
             block_tables=[r.block_ids for r in reqs],
             sampling=sampling,
+            token_bitmask=bitmasks,
             chunks=prompts,
         )
         if result is None:
             return None
         row_drafts = [d or [] for d in drafts]
-        return _Step(so, reqs, emits, [True] * len(reqs), sampling[:, 0], result, {}, row_drafts)
+        return _Step(reqs, emits, [True] * len(reqs), sampling[:, 0], None, result, {}, row_drafts)
 
     def _add_prompt_logprobs(self, req: _Request, start: int, logits: torch.Tensor) -> bool:
         """Score the prompt tokens this chunk predicts (position i predicts token i + 1) into the request's
@@ -311,13 +334,15 @@ class NeuronQwen2ModelRunner:
         return start + len(logits) >= len(req.prompt)
 
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
-        """Pick each emitting row's token (the grammar bitmask applied to rows under a grammar) and hand
-        the step's output over."""
-        step, self._step = self._step, None
-        if step is None:
+        """Run the step taken by `execute_model`, pick each emitting row's token (among the tokens its
+        grammar allows) and hand the step's output over."""
+        if self._scheduled is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
         began = time.perf_counter()
-        tokens, logprobs = self._sample(step, grammar_output)
+        (so, starts), self._scheduled = self._scheduled, None
+        step = self._run_model(so, starts, grammar_output)
+        self.steps += 1
+        tokens, logprobs = self._sample(step)
         if self.tp_group is not None:  # rank 0's tokens win so that all KV caches stay identical
             tokens = self.tp_group.broadcast(tokens, src=0)
         tokens = tokens.tolist()
@@ -345,7 +370,8 @@ class NeuronQwen2ModelRunner:
 
     def _propose(self, reqs: list[_Request]) -> None:
         """Drafts for the next step of each row sampled in the graph (a row sampled on the host has none:
-        its logits processors, grammar or logprobs would need logits at every draft)."""
+        its logits processors or logprobs would need logits at every draft). vLLM's scheduler keeps a
+        grammar row's drafts up to the first its grammar refuses."""
         drafting = [r for r in reqs if r.output and r.can_sample_in_graph()]
         sequences = [r.prompt + r.output for r in drafting]
         rooms = [self.max_model_len - len(seq) for seq in sequences]
@@ -360,32 +386,28 @@ class NeuronQwen2ModelRunner:
             return None
         return DraftTokenIds(list(self._proposed), list(self._proposed.values()))
 
-    def _sample(
-        self, step: _Step, grammar_output: GrammarOutput | None
-    ) -> tuple[torch.Tensor, dict[int, tuple[np.ndarray, np.ndarray, int]]]:
+    def _sample(self, step: _Step) -> tuple[torch.Tensor, dict[int, tuple[np.ndarray, np.ndarray, int]]]:
         """Token ids [rows] (0 for rows that emit none; a verify step's [rows, 1 + drafts]) and the logprobs
         of the rows that asked for them."""
         if step.drafts is not None or step.result.dim() == 1:  # sampled in the graph
             return step.result, {}
         tokens = torch.zeros(len(step.reqs), dtype=torch.int64)
         rows = range(len(step.reqs))
+        bitmask = step.token_bitmask
         fast = [i for i in rows if step.in_graph[i] and step.emits[i]]
         if fast:  # the graph's own sampler, on the host: a row samples the same way whatever its batch mates
             tokens[fast] = sample_in_graph_style(
-                step.result[fast], step.params[fast], self.neuron_config.max_topk
+                step.result[fast],
+                step.params[fast],
+                self.neuron_config.max_topk,
+                None if bitmask is None else bitmask[fast],
             )
         host = [i for i in rows if step.emits[i] and not step.in_graph[i]]
         if not host:
             return tokens, {}
         logits = step.result[host]
-        if grammar_output is not None:
-            # Only the rows under a grammar: given others too, vLLM 0.16's apply_grammar_bitmask pins memory.
-            ids = set(grammar_output.structured_output_request_ids)
-            under = [row for row, i in enumerate(host) if step.reqs[i].req_id in ids]
-            batch = SimpleNamespace(req_ids=[step.reqs[host[row]].req_id for row in under])  # all it reads
-            masked = logits[under]
-            apply_grammar_bitmask(step.scheduler_output, grammar_output, batch, masked)
-            logits[under] = masked
+        if bitmask is not None:  # as vLLM's apply_grammar_bitmask does
+            logits = torch.where(allowed_tokens(bitmask[host], self.vocab_size), logits, -torch.inf)
         host_tokens, host_logprobs = self._sample_on_host([step.reqs[i] for i in host], logits)
         tokens[host] = host_tokens
         return tokens, {host[row]: entry for row, entry in host_logprobs.items()}

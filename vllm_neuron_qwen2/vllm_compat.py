@@ -14,8 +14,8 @@ the supported ranges themselves are checked once, at import, by `check_stack`.
 
 Also different, handled where they arise without a check: 0.16 calls `Platform.validate_request` by keyword
 with the prompt as well; it calls `WorkerBase.initialize_cache`; its Ray worker calls
-`worker.model_runner.execute_model(scheduler_output, intermediate_tensors)`; its `apply_grammar_bitmask` pins
-memory unless every row it is given has a grammar; 0.32 has more SamplingParams fields.
+`worker.model_runner.execute_model(scheduler_output, intermediate_tensors)`; 0.32 has more SamplingParams
+fields.
 """
 
 from __future__ import annotations

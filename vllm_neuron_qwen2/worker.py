@@ -167,8 +167,8 @@ class NeuronQwen2Worker(WorkerBase):
         ]
 
     def step_stats(self) -> dict[str, float]:
-        """Serving steps and their seconds in `execute_model`, and graph calls and their seconds: the
-        difference is host work per step (planning, tensors, sampling bookkeeping)."""
+        """Serving steps and their seconds in `execute_model` and `sample_tokens`, and graph calls and their
+        seconds: the difference is host work per step (planning, tensors, sampling bookkeeping)."""
         if self.holds_core_only:
             return {}
         stats = self.model.decoder.padding

@@ -55,7 +55,7 @@ def build_cpu_graphs(
             for bucket in bar:
                 bar.set_postfix_str(str(bucket))
                 # Warm-up writes its K/V into the padding block, never into a live one.
-                compiled[bucket](*example_inputs(bucket, config.block_size))
+                compiled[bucket](*example_inputs(bucket, config.block_size, decoder.shape.vocab_size))
 
     def build(tmp: Path) -> None:
         # Dynamo would reuse graphs this process compiled before (for another model instance, another

@@ -141,7 +141,9 @@ def compile_graphs(folder: Path, shape: Qwen2Shape, config: NeuronConfig, bucket
         key=KEY,
         model_instance=Instance(decoder, input_output_aliases={}),
         # one tuple per bucket: the buckets of one key share one module, so its weights stay bound to it
-        example_inputs=[(*example_inputs(b, config.block_size), route(i)) for i, b in enumerate(buckets)],
+        example_inputs=[
+            (*example_inputs(b, config.block_size, shape.vocab_size), route(i)) for i, b in enumerate(buckets)
+        ],
         compiler_args=COMPILER_ARGS,
         priority_model_idx=hot_bucket(buckets),  # weights laid out for the hot decode graph
     )
@@ -189,5 +191,6 @@ def build_neuron_graphs(
     model.nxd_model.initialize(weights, torch.tensor([0], dtype=torch.int32))
     graphs = {bucket: NeuronGraph(model, route(i)) for i, bucket in enumerate(buckets)}
     for bucket in tqdm(buckets, desc="loading bucket graphs onto the NeuronCores", unit="graph"):
-        graphs[bucket](*example_inputs(bucket, config.block_size))  # writes only into the padding block
+        # writes only into the padding block
+        graphs[bucket](*example_inputs(bucket, config.block_size, decoder.shape.vocab_size))
     return graphs

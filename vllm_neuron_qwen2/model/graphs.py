@@ -12,15 +12,16 @@ from torch import nn
 from ..compile.buckets import Bucket
 from .kv_cache import PADDING_BLOCK
 from .qwen2 import Qwen2Decoder
-from .sampling import sample
+from .sampling import all_tokens_bitmask, sample
 
 
 class BucketGraph(nn.Module):
     """Inputs, laid out as `Qwen2Decoder.forward` takes them, N = bucket.row_token_count() + bucket.tokens:
     input_ids, position_ids, slot_mapping [N] int64; block_tables [bucket.block_table_rows(), context /
     block_size] int64; key_blocks, key_starts [KB] int64 and key_visible [max(tokens, 1), KB] bool, KB =
-    bucket.key_blocks(block_size); logit_index [R] int64 and sampling [R, 4] float32, R = bucket.logit_rows().
-    Returns logits [R, V] float32, or token ids [R] int64 when the bucket samples.
+    bucket.key_blocks(block_size); logit_index [R] int64, sampling [R, 4] float32 and token_bitmask
+    [R, ceil(V / 32)] int32 (the tokens each row may sample), R = bucket.logit_rows(). Returns logits [R, V]
+    float32, or token ids [R] int64 when the bucket samples.
     """
 
     def __init__(self, decoder: Qwen2Decoder, bucket: Bucket):
@@ -28,14 +29,14 @@ class BucketGraph(nn.Module):
         self.decoder, self.bucket = decoder, bucket
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        *decoder_inputs, sampling = inputs
+        *decoder_inputs, sampling, token_bitmask = inputs
         logits = self.decoder(*decoder_inputs, self.bucket.rows, self.bucket.row_tokens)
         if self.bucket.sample:
-            return sample(logits, sampling, self.decoder.config.max_topk)
+            return sample(logits, sampling, self.decoder.config.max_topk, token_bitmask)
         return logits
 
 
-def example_inputs(bucket: Bucket, block_size: int) -> tuple[torch.Tensor, ...]:
+def example_inputs(bucket: Bucket, block_size: int, vocab_size: int) -> tuple[torch.Tensor, ...]:
     """Inputs of the bucket's shapes, every token at position 0 of the padding block, which every prompt
     token may read (distinct tensors: torch.compile guards on inputs aliasing each other)."""
     n, key_blocks = bucket.row_token_count() + bucket.tokens, bucket.key_blocks(block_size)
@@ -54,4 +55,5 @@ def example_inputs(bucket: Bucket, block_size: int) -> tuple[torch.Tensor, ...]:
         visible,
         torch.arange(rows),
         torch.zeros(rows, 4),
+        all_tokens_bitmask(rows, vocab_size),
     )

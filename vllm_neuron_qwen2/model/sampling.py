@@ -1,7 +1,9 @@
 """In-graph sampler: greedy, temperature, top-k and top-p with static shapes; only token ids leave the graph.
 
 Each row's random draw comes in as an input (`uniform`), so seeded requests stay reproducible and the
-graph itself holds no RNG state. As on Neuron, sampling looks at the `max_topk` best tokens only.
+graph itself holds no RNG state. So does each row's set of allowed tokens (a grammar's, in vLLM's packed
+bitmask layout), so rows under a grammar sample in the graph too. As on Neuron, sampling looks at the
+`max_topk` best allowed tokens only.
 """
 
 from __future__ import annotations
@@ -11,10 +13,33 @@ import torch
 # columns of the [B, 4] float32 sampling tensor
 TEMPERATURE, TOP_K, TOP_P, UNIFORM = range(4)
 GREEDY_BELOW = 1e-5  # vLLM treats temperature < 1e-5 as greedy
+BIT_VALUES = [1 << i for i in range(31)] + [-(1 << 31)]  # int32 words: bit 31 is the sign
 
 
-def sample(logits: torch.Tensor, params: torch.Tensor, max_topk: int) -> torch.Tensor:
-    """logits [B, V] float32, params [B, 4] -> token ids [B] int64."""
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words of a token bitmask row: one bit per token."""
+    return (vocab_size + 31) // 32
+
+
+def all_tokens_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """[rows, words] int32 with every token allowed."""
+    return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
+
+
+def allowed_tokens(token_bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, words] int32 -> [B, V] bool. vLLM's (xgrammar's) layout: bit t % 32 of word t // 32 is token t."""
+    # a mask per bit, not `>>`: torch-xla 2.9 got int32 shifts by a tensor wrong
+    bits = torch.tensor(BIT_VALUES, dtype=torch.int32, device=token_bitmask.device)
+    return ((token_bitmask[:, :, None] & bits) != 0).flatten(1)[:, :vocab_size]
+
+
+def sample(
+    logits: torch.Tensor, params: torch.Tensor, max_topk: int, token_bitmask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits [B, V] float32, params [B, 4], token_bitmask [B, words] int32 (None: every token allowed)
+    -> token ids [B] int64."""
+    if token_bitmask is not None:
+        logits = torch.where(allowed_tokens(token_bitmask, logits.shape[-1]), logits, -torch.inf)
     temperature, top_k, top_p, uniform = params.unbind(-1)
     k_max = min(max_topk, logits.shape[-1])
     top_logits, top_ids = logits.topk(k_max, dim=-1)  # [B, K], best first
