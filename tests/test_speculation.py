@@ -112,29 +112,18 @@ def test_a_full_prompt_chunk_rides_along_with_drafts(make_checkpoint):
     for chunk in (56, 64):
         right = greedy(hf, seq, K)
         row = [seq[-1], *right[:2], (right[2] + 1) % 400]  # two right drafts, then a wrong one
-        out = model.verify_paged(
-            tokens=[row, prompt[at : at + chunk]],
-            starts=[len(seq) - 1, at],
-            block_tables=tables,
-            sampling=torch.zeros(2, K + 1, 4),
-            chunks=[1],
-        )
+        step = {"tokens": [row, prompt[at : at + chunk]], "starts": [len(seq) - 1, at]}
+        step["block_tables"] = tables
+        assert model.verify_fits(**step, chunks=[1])
+        out = model.verify_paged(**step, sampling=torch.zeros(2, K + 1, 4), chunks=[1])
         assert out[0].tolist()[:3] == right, chunk
         assert out[1, 0] == greedy(hf, prompt[: at + chunk], 1)[0]
         seq += accepted_tokens(row[1:], out[0].tolist())
         at += chunk
     row = [seq[-1], *greedy(hf, seq, K)]
-    small = [row, prompt[at : at + 40]]
-    assert (
-        model.verify_paged(
-            tokens=small,
-            starts=[len(seq) - 1, at],
-            block_tables=tables,
-            sampling=torch.zeros(2, K + 1, 4),
-            chunks=[1],
-        )
-        is None
-    )
+    small = {"tokens": [row, prompt[at : at + 40]], "starts": [len(seq) - 1, at], "block_tables": tables}
+    assert not model.verify_fits(**small, chunks=[1])
+    assert model.verify_paged(**small, sampling=torch.zeros(2, K + 1, 4), chunks=[1]) is None
     assert {(b.tokens, b.context) for b in model.padding.real if b.kind == "verify"} == {(64, 64), (64, 256)}
 
 

@@ -241,8 +241,7 @@ class NeuronQwen2ForCausalLM:
         if not cfg.speculation_length:
             raise ValueError("verify_paged needs neuron_config.speculation_length >= 1 (verify graphs)")
         rows = _rows(tokens, starts, block_tables)
-        pieces = [rows[i] for i in chunks]
-        drafting = [row for row in rows if row not in pieces]
+        drafting = [row for i, row in enumerate(rows) if i not in chunks]
         words = (len(rows), q_len, bitmask_words(self.vocab_size))
         if (
             max(len(row.tokens) for row in drafting) > q_len
@@ -254,16 +253,27 @@ class NeuronQwen2ForCausalLM:
                 f"{list(words)}, got rows of {[len(row.tokens) for row in drafting]}, {list(sampling.shape)} "
                 f"and {None if token_bitmask is None else list(token_bitmask.shape)}"
             )
-        if pieces:
-            bucket = self._verify_bucket_with_prompt(drafting, pieces)
-            if bucket is None:
-                return None
-        else:
-            bucket = self._decode_bucket(drafting, sample=True, row_tokens=q_len)
+        bucket = self._verify_bucket(rows, chunks)
+        if bucket is None:
+            return None
+        pieces = [rows[i] for i in chunks]
         result, placed = self._run(bucket, drafting, pieces, sampling, token_bitmask)
         out = torch.zeros(len(rows), q_len, dtype=torch.int64)
         out[[row.index for row, _ in placed]] = result.view(bucket.rows, q_len)[: len(placed)]
         return out
+
+    def verify_fits(
+        self,
+        *,
+        tokens: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        chunks: Sequence[int] = (),
+    ) -> bool:
+        """Whether `verify_paged` takes these rows (its prompt chunks ride along) rather than returning
+        None: asked before drawing the rows' random numbers, which a step without drafts draws again."""
+        self._check_paged(tokens, starts, block_tables, None, None)
+        return self._verify_bucket(_rows(tokens, starts, block_tables), chunks) is not None
 
     @torch.no_grad()
     def score_paged(
@@ -290,6 +300,13 @@ class NeuronQwen2ForCausalLM:
         longest = max(r.end for r in rows)
         context = smallest_fitting(cfg.context_lengths, longest, "context", "context_lengths")
         return Bucket(batch, 0, context, sample, row_tokens=row_tokens)
+
+    def _verify_bucket(self, rows: list[_Row], chunks: Sequence[int]) -> Bucket | None:
+        """The verify bucket of these rows, the ones numbered in `chunks` being prompt chunks."""
+        drafting = [row for i, row in enumerate(rows) if i not in chunks]
+        if not chunks:
+            return self._decode_bucket(drafting, sample=True, row_tokens=1 + self.config.speculation_length)
+        return self._verify_bucket_with_prompt(drafting, [rows[i] for i in chunks])
 
     def _verify_bucket_with_prompt(self, drafting: list[_Row], pieces: list[_Row]) -> Bucket | None:
         """The verify graph with prompt tokens that fits these rows and prompt chunks in one call, if they

@@ -292,11 +292,14 @@ class NeuronQwen2ModelRunner:
         bitmasks: torch.Tensor | None,
     ) -> _Step | None:
         """One verify graph call: each decode row's last token and drafts, a fresh draw for every token;
-        prompt chunks sampled after their last token when it ends the prompt. None when the chunks do not
-        ride along (see `verify_paged`)."""
+        prompt chunks sampled after their last token when it ends the prompt. None, before any row draws a
+        random number, when the chunks do not ride along (see `verify_paged`)."""
         width = 1 + self.neuron_config.speculation_length
         tokens = [c + (d or []) for c, d in zip(chunks, drafts, strict=True)]
         prompts = [i for i, c in enumerate(chunks) if len(c) > 1]
+        tables = [r.block_ids for r in reqs]
+        if not self.decoder.verify_fits(tokens=tokens, starts=starts, block_tables=tables, chunks=prompts):
+            return None
         sampling = torch.zeros(len(reqs), width, 4)
         for i, (req, row) in enumerate(zip(reqs, tokens, strict=True)):
             draws = 1 if i in prompts else len(row)
@@ -305,13 +308,11 @@ class NeuronQwen2ModelRunner:
         result = self.decoder.verify_paged(
             tokens=tokens,
             starts=starts,
-            block_tables=[r.block_ids for r in reqs],
+            block_tables=tables,
             sampling=sampling,
             token_bitmask=bitmasks,
             chunks=prompts,
         )
-        if result is None:
-            return None
         row_drafts = [d or [] for d in drafts]
         return _Step(reqs, emits, [True] * len(reqs), sampling[:, 0], None, result, {}, row_drafts)
 
