@@ -38,7 +38,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, build_logitsprocs
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.sampler import Sampler
 
-from .model.sampling import all_tokens_bitmask, allowed_tokens
+from .model.sampling import all_tokens_bitmask, mask_disallowed
 from .model.sampling import sample as sample_in_graph_style
 from .speculation import DraftProposer, NgramProposer, accepted_tokens
 
@@ -407,8 +407,8 @@ class NeuronQwen2ModelRunner:
         if not host:
             return tokens, {}
         logits = step.result[host]
-        if bitmask is not None:  # as vLLM's apply_grammar_bitmask does
-            logits = torch.where(allowed_tokens(bitmask[host], self.vocab_size), logits, -torch.inf)
+        if bitmask is not None:
+            logits = mask_disallowed(logits, bitmask[host])
         host_tokens, host_logprobs = self._sample_on_host([step.reqs[i] for i in host], logits)
         tokens[host] = host_tokens
         return tokens, {host[row]: entry for row, entry in host_logprobs.items()}

@@ -33,13 +33,19 @@ def allowed_tokens(token_bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor
     return ((token_bitmask[:, :, None] & bits) != 0).flatten(1)[:, :vocab_size]
 
 
+def mask_disallowed(logits: torch.Tensor, token_bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with the tokens token_bitmask [B, words] does not allow at -inf, as vLLM's
+    apply_grammar_bitmask leaves them."""
+    return torch.where(allowed_tokens(token_bitmask, logits.shape[-1]), logits, -torch.inf)
+
+
 def sample(
     logits: torch.Tensor, params: torch.Tensor, max_topk: int, token_bitmask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """logits [B, V] float32, params [B, 4], token_bitmask [B, words] int32 (None: every token allowed)
     -> token ids [B] int64."""
     if token_bitmask is not None:
-        logits = torch.where(allowed_tokens(token_bitmask, logits.shape[-1]), logits, -torch.inf)
+        logits = mask_disallowed(logits, token_bitmask)
     temperature, top_k, top_p, uniform = params.unbind(-1)
     k_max = min(max_topk, logits.shape[-1])
     top_logits, top_ids = logits.topk(k_max, dim=-1)  # [B, K], best first
