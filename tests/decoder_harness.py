@@ -116,8 +116,8 @@ def play_context_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 
 def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6):
     """Yield the result of every call of a session whose decode rows carry 0 to speculation_length drafts
     (verify graphs: the greedy token after each row token, on odd steps among the tokens a random bitmask
-    allows, as a grammar's does), crossing the 32 -> 64 context buckets; in one step a prompt's 56-token
-    chunk rides along. Every draft is kept, teacher-forced, whatever was sampled."""
+    allows, as a grammar's does), crossing the 32 -> 64 context buckets; in two steps a prompt's chunk rides
+    along (56 and 10 tokens). Every draft is kept, teacher-forced, whatever was sampled."""
     gen = torch.Generator().manual_seed(seed)
     width = 1 + model.config.speculation_length
     words = bitmask_words(model.vocab_size)
@@ -132,12 +132,13 @@ def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6
         starts = [len(seqs[name]) for name in rows]
         for name, new in rows.items():
             seqs[name] += new
-        chunk = [tokens(56)] if step == 3 else []  # fills more than the second-largest prefill (48)
+        # prompts in the verify graphs of 64 and of 16 prompt tokens, each into blocks of its own
+        chunk, first = {3: ([tokens(56)], 17), 5: ([tokens(10)], 25)}.get(step, ([], 0))
         shape = (len(rows) + len(chunk), width, words)
         yield model.verify_paged(
             tokens=[*rows.values(), *chunk],
             starts=[*starts, *[0] * len(chunk)],
-            block_tables=[tables[name] for name in rows] + [list(range(17, 25))] * len(chunk),
+            block_tables=[tables[name] for name in rows] + [list(range(first, first + 8))] * len(chunk),
             sampling=torch.zeros(len(rows) + len(chunk), width, 4),
             token_bitmask=torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int32)
             if step % 2

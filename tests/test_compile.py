@@ -319,7 +319,8 @@ def test_plan_lists_every_graph_and_the_default_ladder_stays_in_budget(
 
 
 def test_plan_costs_are_the_hand_count(tiny_qwen2: Path) -> None:
-    """Bytes one call moves, from the shapes: a decode bucket of 4 rows x 512 positions, TP 1, float32."""
+    """Bytes one call moves, from the shapes: a decode bucket of 4 rows x 512 positions, TP 1, float32; and
+    the attention FLOPs of a prefill bucket (which decide whether decode rows run apart from a chunk)."""
     shape = Qwen2Shape.from_pretrained(tiny_qwen2)  # 2 layers, hidden 64, 4 heads / 2 KV heads of 16, tied
     config = NeuronConfig(batch_size=4, seq_len=512, dtype="float32").resolve(shape)
     bucket = Bucket(4, 0, 512, True)
@@ -334,6 +335,10 @@ def test_plan_costs_are_the_hand_count(tiny_qwen2: Path) -> None:
     assert got.kv_read == 4 * (4 * 512 * kv_per_position)  # every row its 512 positions, float32
     assert got.kv_written == got.kv_read + 4 * (4 * kv_per_position)  # the copies, and 4 new positions
     assert got.logits == 4 * 8  # int64 token ids
+    rank = costs.RankShape.of(shape, config)
+    prefill = Bucket(4, 64, 128, False)  # 4 rows x 128 positions; 64 tokens x (1 + 16 + 8 blocks of 8)
+    per_pair = 4 * 4 * d * layers  # q.k and the weighted v, 2 FLOPs each per element, 4 heads, 2 layers
+    assert costs.attention_flops(prefill, rank, 8) == (4 * 128 + 64 * 25 * 8) * per_pair
 
 
 def test_compile_kill_serve_corrupt(

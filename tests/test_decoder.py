@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from decoder_harness import CONFIG, load, play_chunked_session, play_context_session, play_session
+from decoder_harness import CONFIG, CONTEXTS, load, play_chunked_session, play_context_session, play_session
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2ForCausalLM
 
-from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM
+from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM, modeling
 from vllm_neuron_qwen2.compile.buckets import Bucket
 from vllm_neuron_qwen2.config import ConfigError, Qwen2Shape
 from vllm_neuron_qwen2.model.checkpoint import CheckpointError, load_checkpoint
@@ -109,6 +109,37 @@ def test_context_buckets_change_mid_session_and_stay_exact(tiny_qwen2, in_graph_
     assert {b.context for b in model.padding.real} == {32, 64, 256}
     kinds = {b.kind for b in model.padding.real}
     assert kinds == ({"prefill"} if in_graph_sampling else {"prefill", "decode"})
+
+
+@pytest.mark.parametrize("balance", [None, 10**6], ids=["cpu", "weights_dear"])
+def test_rows_far_beyond_a_chunk_run_apart_when_that_costs_less(tiny_qwen2, monkeypatch, balance):
+    """A 20-token chunk at the start of its sequence beside a row decoding at 200 (context buckets 32 / 64 /
+    256): at the cpu backend's balance the row runs in a decode graph of its own, sampling there, and the
+    chunk in the 32 prefill graph; where streaming the weights again costs more than the chunk's attention
+    over 256 positions, the row rides along in the 256 one. Either way HF's logits and tokens, a grammar's
+    bitmask kept."""
+    if balance:
+        monkeypatch.setitem(modeling.FLOPS_PER_BYTE, "cpu", balance)
+    model = load(tiny_qwen2, **CONTEXTS)
+    hf = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(9)
+    seqs = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in (201, 20)]
+    tables = [list(range(1, 33)), list(range(33, 65))]
+    model.step_paged(tokens=[seqs[0][:200]], starts=[0], block_tables=tables[:1])
+    model.padding.real.clear()
+    step = dict(tokens=[seqs[0][200:], seqs[1]], starts=[200, 0], block_tables=tables)
+    want = hf_last_logits(hf, seqs)
+    assert (model.step_paged(**step) - want).abs().max().item() < TOL
+    allowed = want[0].topk(6).indices[2:].tolist()  # not the two best
+    greedy = torch.tensor([[0.0, 0, 1, 0.5]] * 2)
+    bitmask = bitmask_of([allowed, None], model.vocab_size)
+    assert model.step_paged(**step, sampling=greedy, token_bitmask=bitmask).tolist() == [
+        allowed[0],
+        want[1].argmax().item(),
+    ]
+    prompt_contexts = {b.context for b, real in model.padding.real.items() if b.tokens and real}
+    sampled_apart = any(b.kind == "decode" and b.sample for b in model.padding.real)
+    assert (prompt_contexts, sampled_apart) == (({256}, False) if balance else ({32}, True))
 
 
 def test_prompt_longer_than_the_largest_prefill_bucket_runs_in_several_calls(tiny_qwen2):

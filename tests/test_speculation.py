@@ -97,10 +97,11 @@ def test_verify_graph_samples_each_position_within_its_token_bitmask(tiny_qwen2)
     assert accepted_tokens(row[1:], out) == [*row[1 : 1 + forbidden], allowed[0]]
 
 
-def test_a_full_prompt_chunk_rides_along_with_drafts(make_checkpoint):
-    # A row with drafts beside the chunks of a long prompt: chunks that need the largest prefill (64 tokens
-    # here) ride in the verify graph, the drafts checked and the token after the chunk sampled as HF's
-    # argmax; a smaller chunk (40 tokens) does not (None: step without the drafts).
+def test_prompt_chunks_ride_along_with_drafts(make_checkpoint):
+    # A row with drafts beside the chunks of a long prompt: each chunk rides in the verify graph with the
+    # fewest prompt tokens that holds it (64, or a quarter: 16 here), the drafts checked and the token after
+    # the chunk sampled as HF's argmax. Only chunks whose key blocks fit no one call leave the drafts
+    # unchecked (None: step without them).
     model_dir = make_checkpoint(num_attention_heads=4, num_key_value_heads=2)
     hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model = load(model_dir, **CONTEXTS, speculation_length=K, max_num_batched_tokens=64)
@@ -109,7 +110,7 @@ def test_a_full_prompt_chunk_rides_along_with_drafts(make_checkpoint):
     tables = [list(range(1, 33)), list(range(33, 65))]
     seq.append(model.step_paged(tokens=[seq], starts=[0], block_tables=tables[:1])[0].argmax().item())
     at = 0
-    for chunk in (56, 64):
+    for chunk in (56, 64, 12):
         right = greedy(hf, seq, K)
         row = [seq[-1], *right[:2], (right[2] + 1) % 400]  # two right drafts, then a wrong one
         step = {"tokens": [row, prompt[at : at + chunk]], "starts": [len(seq) - 1, at]}
@@ -120,11 +121,17 @@ def test_a_full_prompt_chunk_rides_along_with_drafts(make_checkpoint):
         assert out[1, 0] == greedy(hf, prompt[: at + chunk], 1)[0]
         seq += accepted_tokens(row[1:], out[0].tolist())
         at += chunk
+    ridden = {(b.tokens, b.context) for b in model.padding.real if b.kind == "verify"}
+    assert ridden == {(64, 64), (64, 256), (16, 256)}
+    # two sequences' chunks at 132 and 180 attend 1 + 18 + 24 key blocks; a verify call holds 41 at most
     row = [seq[-1], *greedy(hf, seq, K)]
-    small = {"tokens": [row, prompt[at : at + 40]], "starts": [len(seq) - 1, at], "block_tables": tables}
-    assert not model.verify_fits(**small, chunks=[1])
-    assert model.verify_paged(**small, sampling=torch.zeros(2, K + 1, 4), chunks=[1]) is None
-    assert {(b.tokens, b.context) for b in model.padding.real if b.kind == "verify"} == {(64, 64), (64, 256)}
+    apart = {
+        "tokens": [row, prompt[at : at + 8], [5] * 10],
+        "starts": [len(seq) - 1, at, 180],
+        "block_tables": [*tables, list(range(65, 97))],
+    }
+    assert not model.verify_fits(**apart, chunks=[1, 2])
+    assert model.verify_paged(**apart, sampling=torch.zeros(3, K + 1, 4), chunks=[1, 2]) is None
 
 
 def test_verify_graphs_in_plan_and_their_count_at_2048_by_8(tiny_qwen2, capsys):
@@ -132,7 +139,12 @@ def test_verify_graphs_in_plan_and_their_count_at_2048_by_8(tiny_qwen2, capsys):
     _, off = plan(tiny_qwen2, *args, capsys=capsys)
     lines, on = plan(tiny_qwen2, *args, "--num-speculative-tokens", "4", capsys=capsys)
     assert len(off) <= 24 and len(on) - len(off) <= 8, (len(off), len(on))
-    assert {"verify[8x5x512+sample]", "verify[8x5x2048+sample]", "verify[8x5+512x2048+sample]"} <= set(on)
+    verify = {g for g in on if g.startswith("verify")}
+    assert verify == {
+        f"verify[{shape}x{context}+sample]"
+        for context in (512, 2048)
+        for shape in ("1x5", "8x5", "8x5+128", "8x5+512")
+    }
     assert lines[-1] == f"{len(on)} graphs"
 
 

@@ -58,6 +58,11 @@ LADDER_REASONS = (
     "beyond it, where attention dominates and chunks are mostly a long prompt's, three sizes: the smallest "
     "(host-sampled decode rows), a quarter and the whole step."
 )
+VERIFY_REASONS = (
+    "Verify graphs (speculation): at each context the fewest and the most decode rows (the rest pad up, "
+    "cheap in a bandwidth-bound step), and a step's prompt chunks beside its drafts in a quarter or the "
+    "whole step, so that every step checks its drafts."
+)
 
 
 def compile_servable(model_dir: str | Path, config: NeuronConfig, out: str | Path) -> Path:
@@ -179,6 +184,8 @@ def _plan(args: argparse.Namespace) -> None:
         )
     print(describe(buckets).split(": ", 1)[1])
     print(LADDER_REASONS)
+    if config.speculation_length:
+        print(VERIFY_REASONS)
     memory = core_memory(shape, config, buckets)
     sequences = (config.num_blocks - 1) / config.blocks_per_seq
     print(

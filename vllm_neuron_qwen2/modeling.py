@@ -24,7 +24,15 @@ import torch
 
 from .compile import artifacts
 from .compile.backend import build_graphs
-from .compile.buckets import Bucket, all_buckets, describe, smallest_fitting, smallest_prefill
+from .compile.buckets import (
+    Bucket,
+    all_buckets,
+    describe,
+    smallest_fitting,
+    smallest_prefill,
+    verify_batch_sizes,
+)
+from .compile.costs import FLOPS_PER_BYTE, RankShape, attention_flops
 from .compile.cpu import has_bf16_units
 from .config import NeuronConfig, Qwen2Shape
 from .model.kv_cache import PADDING_BLOCK
@@ -64,6 +72,9 @@ class NeuronQwen2ForCausalLM:
         self.decoder, self.config, self.graphs = decoder, config, graphs
         self.vocab_size = decoder.shape.vocab_size
         self.padding = PaddingStats()
+        self.rank_shape = RankShape.of(decoder.shape, config)
+        prefill = [b for b in graphs if b.kind == "prefill"]
+        self._most_key_blocks = max(b.key_blocks(config.block_size) for b in prefill)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: NeuronConfig) -> NeuronQwen2ForCausalLM:
@@ -181,36 +192,44 @@ class NeuronQwen2ForCausalLM:
         into a prefill graph that also carries the one-token rows, so a step streams the weights once (so do
         one-token rows whose logits are asked for when the decode graphs sample); chunks beyond the largest
         prefill bucket continue in further calls. Each graph attends the smallest context bucket that covers
-        the step's longest row.
+        its longest row; one-token rows that would lift the chunks into a larger one run in a call of their
+        own when that costs less (`_rows_apart`).
         """
         self._check_paged(tokens, starts, block_tables, sampling, token_bitmask)
         cfg = self.config
         rows = _rows(tokens, starts, block_tables)
         singles = [row for row in rows if len(row.tokens) == 1]
         chunks = [row for row in rows if len(row.tokens) > 1]
-        if not chunks and (sampling is not None or not cfg.on_device_sampling):  # a decode graph
+        calls = _pack(chunks, cfg.prefill_lengths[-1], self._most_key_blocks, cfg.block_size)
+        apart = bool(chunks and singles) and self._rows_apart(singles, calls[0])
+        in_decode_graph = sampling is not None or not cfg.on_device_sampling  # it gives what is asked
+        sampled: dict[int, torch.Tensor] = {}  # row index -> its token id, sampled in a decode graph
+        logits: dict[int, torch.Tensor] = {}  # row index -> its last token's logits [vocab]
+        riding = singles  # one-token rows in the first call of `calls`
+        if singles and in_decode_graph and (apart or not chunks):
             bucket = self._decode_bucket(singles, cfg.on_device_sampling, row_tokens=1)
             result, _ = self._run(bucket, singles, [], sampling, token_bitmask)
-            return result[: len(rows)]  # every row is a single, in order
-        prefill = [b for b in self.graphs if b.kind == "prefill"]
-        most_keys = max(b.key_blocks(cfg.block_size) for b in prefill)
-        out: list[torch.Tensor | None] = [None] * len(rows)
-        for call, pieces in enumerate(_pack(chunks, cfg.prefill_lengths[-1], most_keys, cfg.block_size)):
-            call_singles = singles if call == 0 else []
-            tokens_in_call = sum(len(p.tokens) for p in pieces)
-            context = max(r.end for r in [*call_singles, *pieces])
-            key_blocks = len(_key_blocks(pieces, cfg.block_size))
-            bucket = smallest_prefill(prefill, tokens_in_call, context, key_blocks, cfg.block_size)
-            if bucket is None:
-                raise ValueError(
-                    f"no prefill graph fits {tokens_in_call} prompt tokens, a context of {context} and "
-                    f"{key_blocks} key blocks (neuron_config.prefill_lengths and context_lengths)"
-                )
-            result, placed = self._run(bucket, call_singles, pieces)
-            for j, row in enumerate(row for row, _ in placed if row.last):
-                out[row.index] = result[j]
-        logits = torch.stack(out)
-        return logits if sampling is None else sample(logits, sampling, cfg.max_topk, token_bitmask)
+            if not chunks:
+                return result[: len(rows)]  # every row is a single, in order
+            decoded = zip((row.index for row in singles), result[: len(singles)], strict=True)
+            (sampled if sampling is not None else logits).update(decoded)
+            riding = []
+        elif apart:
+            calls = [[], *calls]  # the rows in a prefill call of their own, before the chunks'
+        for call, pieces in enumerate(calls):
+            call_singles = riding if call == 0 else []
+            result, placed = self._run(self._prefill_bucket(call_singles, pieces), call_singles, pieces)
+            ending = [row.index for row, _ in placed if row.last]
+            logits.update(zip(ending, result[: len(ending)], strict=True))
+        if sampling is None:
+            return torch.stack([logits[i] for i in range(len(rows))])
+        host = sorted(logits)
+        bitmask = None if token_bitmask is None else token_bitmask[host]
+        ids = torch.empty(len(rows), dtype=torch.int64)
+        ids[host] = sample(torch.stack([logits[i] for i in host]), sampling[host], cfg.max_topk, bitmask)
+        for i, token in sampled.items():
+            ids[i] = token
+        return ids
 
     @torch.no_grad()
     def verify_paged(
@@ -234,8 +253,8 @@ class NeuronQwen2ForCausalLM:
 
         The rows numbered in `chunks` are prompt chunks instead, of any length, sampled after their last
         token only (with sampling[r, 0], returned at [r, 0]). They ride along in the verify graph with the
-        largest prefill's prompt tokens when they need that size anyway and fit one call; else this returns
-        None (step without the drafts)."""
+        fewest prompt tokens that fits them; when their key blocks fit no single call, this returns None
+        (step without the drafts)."""
         self._check_paged(tokens, starts, block_tables, None, None)
         cfg, q_len = self.config, 1 + self.config.speculation_length
         if not cfg.speculation_length:
@@ -296,10 +315,39 @@ class NeuronQwen2ForCausalLM:
     def _decode_bucket(self, rows: list[_Row], sample: bool, row_tokens: int) -> Bucket:
         """The decode (or verify) bucket of the fewest rows and the smallest context that fit `rows`."""
         cfg = self.config
-        batch = smallest_fitting(cfg.decode_batch_sizes, len(rows), "decode rows", "decode_batch_sizes")
+        sizes = cfg.decode_batch_sizes if row_tokens == 1 else verify_batch_sizes(cfg.decode_batch_sizes)
+        batch = smallest_fitting(sizes, len(rows), "decode rows", "decode_batch_sizes")
         longest = max(r.end for r in rows)
         context = smallest_fitting(cfg.context_lengths, longest, "context", "context_lengths")
         return Bucket(batch, 0, context, sample, row_tokens=row_tokens)
+
+    def _prefill_bucket(self, singles: list[_Row], pieces: list[_Row]) -> Bucket:
+        """The prefill bucket of the smallest context, then the fewest tokens, that fits one call."""
+        cfg = self.config
+        tokens = sum(len(p.tokens) for p in pieces)
+        context = max(r.end for r in [*singles, *pieces])
+        key_blocks = len(_key_blocks(pieces, cfg.block_size))
+        prefill = [b for b in self.graphs if b.kind == "prefill"]
+        bucket = smallest_prefill(prefill, tokens, context, key_blocks, cfg.block_size)
+        if bucket is None:
+            raise ValueError(
+                f"no prefill graph fits {tokens} prompt tokens, a context of {context} and {key_blocks} key "
+                "blocks (neuron_config.prefill_lengths and context_lengths)"
+            )
+        return bucket
+
+    def _rows_apart(self, singles: list[_Row], pieces: list[_Row]) -> bool:
+        """Whether one-token rows that reach further than a call's prompt pieces run in a call of their own:
+        when the attention the pieces save in a smaller context outweighs streaming the weights once more
+        (on a CPU nearly always; on a NeuronCore only for long contexts)."""
+        together, alone = self._prefill_bucket(singles, pieces), self._prefill_bucket([], pieces)
+        if alone.context == together.context:
+            return False
+        bs, rank = self.config.block_size, self.rank_shape
+        rows = self._decode_bucket(singles, sample=False, row_tokens=1)
+        saved = attention_flops(together, rank, bs) - attention_flops(alone, rank, bs)
+        saved -= attention_flops(rows, rank, bs)
+        return saved > rank.weights * FLOPS_PER_BYTE[self.config.backend]
 
     def _verify_bucket(self, rows: list[_Row], chunks: Sequence[int]) -> Bucket | None:
         """The verify bucket of these rows, the ones numbered in `chunks` being prompt chunks."""
@@ -309,13 +357,10 @@ class NeuronQwen2ForCausalLM:
         return self._verify_bucket_with_prompt(drafting, [rows[i] for i in chunks])
 
     def _verify_bucket_with_prompt(self, drafting: list[_Row], pieces: list[_Row]) -> Bucket | None:
-        """The verify graph with prompt tokens that fits these rows and prompt chunks in one call, if they
-        need the largest prefill size (a smaller prompt step would pad less without the drafts)."""
-        cfg, bs = self.config, self.config.block_size
+        """The verify graph with prompt tokens of the smallest context, then the fewest tokens, that fits
+        these rows and prompt chunks in one call; None if their key blocks need more than one."""
+        bs = self.config.block_size
         tokens = sum(len(p.tokens) for p in pieces)
-        smaller = cfg.prefill_lengths[:-1]
-        if smaller and tokens <= smaller[-1]:
-            return None
         candidates = [b for b in self.graphs if b.kind == "verify" and b.tokens]
         context = max(r.end for r in [*drafting, *pieces])
         return smallest_prefill(candidates, tokens, context, len(_key_blocks(pieces, bs)), bs)

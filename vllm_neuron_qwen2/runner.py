@@ -10,7 +10,7 @@ no token. A row is sampled inside the graph when its parameters allow it (greedy
 seed, a grammar: its bitmask is a graph input); any other row (logprobs, penalties, logits processors) makes
 the step return logits, and is sampled on the host by vLLM's Sampler after its grammar bitmask is applied.
 With n-gram speculation, a step whose rows carry drafts runs in a verify graph, which samples after each
-draft (and carries the step's prompt chunks when they fill the largest prefill); a row keeps its drafts up to
+draft and carries the step's prompt chunks; a row keeps its drafts up to
 the first one not sampled (speculation.py), and the proposer drafts the next step's tokens from each
 sequence.
 """
@@ -152,9 +152,9 @@ class NeuronQwen2ModelRunner:
             if self.decoder.decoder.tp.rank == 0:
                 logger.info(
                     "speculative decoding: n-gram drafts, up to %d per row (n-grams of %d to %d tokens), "
-                    "checked in verify graphs of %d tokens per row; rows sampled on the host (logprobs, "
-                    "penalties) get no drafts, and drafts in a step that also prefills are checked only "
-                    "beside a full prompt chunk (else they count as rejected)",
+                    "checked in verify graphs of %d tokens per row (with the step's prompt chunks); rows "
+                    "sampled on the host (logprobs, penalties) get no drafts, and the drafts of a step with "
+                    "such a row count as rejected",
                     spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                     1 + self.neuron_config.speculation_length,
                 )  # fmt: skip
@@ -225,9 +225,9 @@ class NeuronQwen2ModelRunner:
             self.neuron_config.on_device_sampling and (not emits[i] or reqs[i].can_sample_in_graph())
             for i in rows
         ]
-        # Drafts are checked when every row is sampled in the graph, in a verify graph, with the step's
-        # prompt chunks if they fill the largest prefill; in any other step (a smaller prompt step, a row
-        # sampled on the host) they count as rejected and the rows decode one token.
+        # Drafts are checked when every row is sampled in the graph, in a verify graph with the step's prompt
+        # chunks; in any other step (a row sampled on the host, chunks whose key blocks need two calls) they
+        # count as rejected and the rows decode one token.
         bitmasks = self._token_bitmasks(so, order, grammar_output)
         if any(drafts) and all(in_graph) and not scored:
             step = self._run_verify(reqs, row_starts, chunks, drafts, emits, bitmasks)

@@ -69,6 +69,18 @@ def long_context_prefill_lengths(prefill_lengths: list[int]) -> list[int]:
     return sorted({prefill_lengths[0], quarter, prefill_lengths[-1]})
 
 
+def verify_batch_sizes(decode_batch_sizes: list[int]) -> list[int]:
+    """Rows of the verify graphs: the fewest and the most decode rows (one sequence speculating alone, or a
+    full batch; the rest pad up, which costs a bandwidth-bound step little)."""
+    return sorted({decode_batch_sizes[0], decode_batch_sizes[-1]})
+
+
+def verify_prompt_lengths(prefill_lengths: list[int]) -> list[int]:
+    """Prompt tokens of the verify graphs that carry a step's chunks beside its drafts: the largest prefill
+    (a long prompt's full chunks) and the one nearest a quarter of it (its last piece, a chat turn)."""
+    return long_context_prefill_lengths(prefill_lengths)[-2:]
+
+
 def all_buckets(config: NeuronConfig) -> list[Bucket]:
     """Every graph a model with this config may run, decode first (the hot path).
 
@@ -79,9 +91,9 @@ def all_buckets(config: NeuronConfig) -> list[Bucket]:
     Every context length has decode graphs of every row count, and prefill graphs of every size at the
     smallest context, of LONG_CONTEXT_PREFILL_SIZES sizes beyond it. One score graph returns the logits of
     every token of up to SCORE_TOKENS prompt tokens at the longest context, for prompt logprobs. With
-    speculation, verify graphs (every decode graph's rows and context, 1 + speculation_length tokens per
-    row) sample each row token, checking the row's drafts; and at each context one verify graph also takes
-    the largest prefill's prompt tokens, so that drafts ride along with the full chunks of a long prompt.
+    speculation, verify graphs (1 + speculation_length tokens per row) sample each row token, checking the
+    row's drafts: at each context, for the fewest and the most decode rows, and with the prompt chunks of a
+    step beside its drafts, two sizes (`verify_prompt_lengths`).
     """
     decode = [
         Bucket(rows, 0, context, config.on_device_sampling)
@@ -97,10 +109,13 @@ def all_buckets(config: NeuronConfig) -> list[Bucket]:
     score_tokens = min(SCORE_TOKENS, config.prefill_lengths[-1])
     score = Bucket(0, score_tokens, config.context_lengths[-1], False, True)
     q_len = 1 + config.speculation_length
-    verify = [Bucket(b.rows, 0, b.context, True, row_tokens=q_len) for b in decode]
-    verify += [
-        Bucket(config.batch_size, config.prefill_lengths[-1], context, True, row_tokens=q_len)
+    verify = [
+        Bucket(rows, tokens, context, True, row_tokens=q_len)
         for context in config.context_lengths
+        for rows, tokens in [
+            *((rows, 0) for rows in verify_batch_sizes(config.decode_batch_sizes)),
+            *((config.batch_size, tokens) for tokens in verify_prompt_lengths(config.prefill_lengths)),
+        ]
     ]
     return decode + (verify if config.speculation_length else []) + prefill + [score]
 
@@ -123,10 +138,11 @@ def describe(buckets: list[Bucket]) -> str:
             f"{sizes({b.context for b in decode})}, {variant})"
         )
     if verify:
-        with_prompt = sum(1 for b in verify if b.tokens)
+        with_prompt = [b for b in verify if b.tokens]
         parts.append(
-            f"{len(verify)} verify ({verify[0].row_tokens} tokens per row: 1 + drafts; {with_prompt} also "
-            f"with {max(b.tokens for b in verify)} prompt tokens)"
+            f"{len(verify)} verify ({verify[0].row_tokens} tokens per row: 1 + drafts, rows "
+            f"{sizes({b.rows for b in verify if not b.tokens})}; {len(with_prompt)} also with "
+            f"{sizes({b.tokens for b in with_prompt})} prompt tokens)"
         )
     if prefill:
         by_context = {}

@@ -1,6 +1,6 @@
-"""What a bucket graph moves per call and what a NeuronCore holds: plain arithmetic on the shapes of one
-rank's decoder (built on the meta device, so the figures follow the layers' own sharding), for
-`vllm-neuron-qwen2 plan` and the choice of the KV pool's size.
+"""What a bucket graph moves and computes per call and what a NeuronCore holds: plain arithmetic on the
+shapes of one rank's decoder (built on the meta device, so the figures follow the layers' own sharding), for
+`vllm-neuron-qwen2 plan`, the choice of the KV pool's size, and how a step is split into calls.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ from ..model.parallel import TPGroup
 from ..model.qwen2 import Qwen2Decoder
 from .buckets import Bucket
 
+# FLOPs a core computes in the time it streams one byte (its machine balance), what an extra call's weight
+# stream costs in attention: a 2-core x86 VM ~100 GFLOP/s over ~20 GB/s (benchmarks/limits.py measures
+# 93-148 over 16-46); a NeuronCore-v2 ~95 TFLOP/s of bf16 over ~410 GB/s (half an Inf2 / Trn1 chip's specs).
+FLOPS_PER_BYTE = {"cpu": 5, "neuron": 230}
+
 
 @dataclass(frozen=True)
 class RankShape:
@@ -25,6 +30,7 @@ class RankShape:
     kv_position: int  # K and V of one position, over all layers
     vocab: int  # logits per row (the whole vocabulary: the logits are gathered over ranks)
     pool: int  # the KV pool
+    score_flops: int  # one query against one key over all heads and layers: q.k and the weighted v
 
     @classmethod
     def of(cls, shape: Qwen2Shape, config: NeuronConfig) -> RankShape:
@@ -41,6 +47,7 @@ class RankShape:
             kv_position=per_layer * shape.num_hidden_layers,
             vocab=shape.vocab_size,
             pool=sum(b.numel() * b.element_size() for b in decoder.kv_cache.buffers()),
+            score_flops=4 * decoder.layers[0].self_attn.num_heads * shape.head_dim * shape.num_hidden_layers,
         )
 
 
@@ -64,6 +71,17 @@ def positions_gathered(bucket: Bucket, block_size: int) -> int:
     return bucket.rows * bucket.context + keys
 
 
+def scores(bucket: Bucket, block_size: int) -> int:
+    """Query-key pairs a call's attention scores per head, masked ones included (a static graph computes
+    them all): each row token against its row's context, each prompt token against the key blocks."""
+    keys = bucket.key_blocks(block_size) * block_size if bucket.tokens else 0
+    return bucket.row_token_count() * bucket.context + bucket.tokens * keys
+
+
+def attention_flops(bucket: Bucket, rank: RankShape, block_size: int) -> int:
+    return scores(bucket, block_size) * rank.score_flops
+
+
 def traffic(bucket: Bucket, rank: RankShape, block_size: int) -> Traffic:
     tokens = bucket.row_token_count() + bucket.tokens
     gathered = positions_gathered(bucket, block_size) * rank.kv_position
@@ -83,11 +101,10 @@ def scratch(bucket: Bucket, rank: RankShape, shape: Qwen2Shape, config: NeuronCo
     heads = -(-shape.num_attention_heads // tp)
     itemsize = rank.embedding_row // shape.hidden_size
     tokens = bucket.row_token_count() + bucket.tokens
-    keys = bucket.key_blocks(bs) * bs if bucket.tokens else 0
     gathered = positions_gathered(bucket, bs) * rank.kv_position // shape.num_hidden_layers
-    scores = heads * (bucket.row_token_count() * bucket.context + bucket.tokens * keys) * 4
+    float32_scores = heads * scores(bucket, bs) * 4
     mlp = tokens * 2 * -(-shape.intermediate_size // tp) * itemsize
-    return gathered + scores + mlp + bucket.logit_rows() * 4 * rank.vocab
+    return gathered + float32_scores + mlp + bucket.logit_rows() * 4 * rank.vocab
 
 
 @dataclass(frozen=True)
