@@ -9,12 +9,13 @@ check TP=N against TP=1 and HF.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM
-from vllm_neuron_qwen2.model.sampling import bitmask_words
+from vllm_neuron_qwen2.model.sampling import Penalties, PenaltyRow, bitmask_words
 
 # A session over 3 of 4 slots, with prompts of exactly a bucket's length (16) and one more (17), a slot
 # reused after its sequence ends, and decode steps over a subset of the slots.
@@ -116,8 +117,9 @@ def play_context_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 
 def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6):
     """Yield the result of every call of a session whose decode rows carry 0 to speculation_length drafts
     (verify graphs: the greedy token after each row token, on odd steps among the tokens a random bitmask
-    allows, as a grammar's does), crossing the 32 -> 64 context buckets; in two steps a prompt's chunk rides
-    along (56 and 10 tokens). Every draft is kept, teacher-forced, whatever was sampled."""
+    allows, as a grammar's does, and from the third step on after penalties), crossing the 32 -> 64 context
+    buckets; in two steps a prompt's chunk rides along (56 and 10 tokens). Every draft is kept,
+    teacher-forced, whatever was sampled."""
     gen = torch.Generator().manual_seed(seed)
     width = 1 + model.config.speculation_length
     words = bitmask_words(model.vocab_size)
@@ -135,6 +137,17 @@ def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6
         # prompts in the verify graphs of 64 and of 16 prompt tokens, each into blocks of its own
         chunk, first = {3: ([tokens(56)], 17), 5: ([tokens(10)], 25)}.get(step, ([], 0))
         shape = (len(rows) + len(chunk), width, words)
+        # each position's penalties: its row's tokens so far, the last few as output
+        listed = [
+            PenaltyRow(
+                (1.3, 0.5, 0.4),
+                sorted(set(seq[: start + j])),
+                Counter(seq[max(start + j - 4, 0) : start + j]),
+            )
+            for seq, start in [*zip(seqs.values(), starts, strict=True), *[(c, len(c) - 1) for c in chunk]]
+            for j in range(1, width + 1)
+        ]
+        penalties = Penalties(*(t.view(*shape[:2], *t.shape[1:]) for t in Penalties.listed(listed)))
         yield model.verify_paged(
             tokens=[*rows.values(), *chunk],
             starts=[*starts, *[0] * len(chunk)],
@@ -143,6 +156,7 @@ def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6
             token_bitmask=torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int32)
             if step % 2
             else None,
+            penalties=penalties if step >= 2 else None,
             chunks=[len(rows)] * len(chunk),
         )
 

@@ -242,3 +242,54 @@ def test_ngram_proposer_takes_the_longest_earliest_match():
         [5, 5, 6, 5, 5],  # [5, 5] at 0, the earliest occurrence
     ]
     assert proposer.propose(sequences, [100, 100, 1, 100]) == [[4, 5, 2], [], [1], [6, 5, 5]]
+
+
+def test_row_masks_and_penalties_after_each_draft_are_vllms():
+    # A row's allowed_token_ids, bad_words, min_tokens and repetition and presence penalties, after its output
+    # and each prefix of its drafts, against vLLM's own bad-words and penalty functions (its rejection
+    # sampler counts the drafts before a position as output) and its min_tokens rule.
+    from vllm.model_executor.layers.utils import apply_penalties
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.sample.ops.bad_words import apply_bad_words_with_drafts
+
+    from vllm_neuron_qwen2.model.sampling import Penalties, penalize
+    from vllm_neuron_qwen2.runner import _Request
+
+    vocab, prompt, output, drafts = 70, [3, 4, 5], [6, 7], [8, 9, 6]
+    params = SamplingParams(
+        repetition_penalty=1.3,
+        frequency_penalty=0.25,
+        presence_penalty=0.4,
+        min_tokens=4,
+        stop_token_ids=[9, 11],
+        allowed_token_ids=list(range(2, 60)),
+    )
+    params._bad_words_token_ids = [[12], [7, 8], [9, 6, 13], [6, 7, 8, 14]]  # as the tokenizer sets them
+    req = _Request("r", prompt, params, None, [1], output)
+    pasts = [output + drafts[:j] for j in range(len(drafts) + 1)]
+    theirs = torch.zeros(len(pasts), vocab)
+    apply_bad_words_with_drafts(theirs, {0: params.bad_words_token_ids}, pasts, [len(pasts)])
+    theirs[:, :2] = theirs[:, 60:] = -torch.inf  # allowed_token_ids
+    theirs[: 4 - len(output), [9, 11]] = -torch.inf  # min_tokens: stop tokens while the output is short
+    masks = torch.stack([req.allowed_tokens(drafts[:j], vocab) for j in range(len(pasts))])
+    assert torch.equal(masks, theirs == 0)
+    assert not masks[0, 8] and not masks[1, 14] and masks[2, 14] and not masks[3, 13]  # the case can tell
+
+    logits = torch.randn(len(pasts), vocab)
+    prompt_ids = torch.tensor([prompt] * len(pasts))
+    output_ids = torch.tensor([p + [vocab] * (len(pasts[-1]) - len(p)) for p in pasts])  # padded as vLLM
+    rows = [req.penalties_after(drafts[:j]) for j in range(len(pasts))]
+    assert rows[3].repeated == [3, 4, 5, 6, 7, 8, 9] and rows[3].output_counts == {6: 2, 7: 1, 8: 1, 9: 1}
+    repetition, frequency, presence = torch.tensor([rows[0].factors] * len(pasts)).T
+    expected = apply_penalties(logits.clone(), prompt_ids, output_ids, presence, frequency, repetition)
+    assert torch.equal(penalize(logits, Penalties.listed(rows)), expected)
+    # before any output the second list is empty and changes nothing (token 0, where its padding points,
+    # included); a row without penalties is left alone
+    fresh = _Request("s", prompt, params, None, [1]).penalties_after([])
+    assert fresh.output_counts == {}
+    no_output = torch.full((2, 1), vocab)
+    expected = apply_penalties(
+        logits[:2].clone(), prompt_ids[:2], no_output, presence[:2], frequency[:2], repetition[:2]
+    )
+    expected[1] = logits[1]
+    assert torch.equal(penalize(logits[:2], Penalties.listed([fresh, None])), expected)

@@ -390,10 +390,22 @@ def _penalized(
     return logits - freq * counts - pres * seen.float()
 
 
-def test_penalties_match_reference(default_llm: tuple[Any, Path]) -> None:
+@pytest.mark.parametrize(
+    ("rep", "freq", "pres", "logprobs"),
+    # each penalty alone and all three, in the graph; all three on the host (logprobs send a row there)
+    [
+        (1.5, 0.0, 0.0, None),
+        (1.0, 0.7, 0.0, None),
+        (1.0, 0.0, 2.0, None),
+        (1.5, 0.7, 1.2, None),
+        (1.5, 0.7, 1.2, 1),
+    ],
+)
+def test_penalties_match_reference(
+    default_llm: tuple[Any, Path], rep: float, freq: float, pres: float, logprobs: int | None
+) -> None:
     llm, model_dir = default_llm
     prompts = token_prompts(5, [3, 10, 30], tokenizer_vocab(llm), seed=4)
-    rep, freq, pres = 1.5, 0.7, 1.2
     params = sampling(
         temperature=0.0,
         max_tokens=25,
@@ -401,6 +413,7 @@ def test_penalties_match_reference(default_llm: tuple[Any, Path]) -> None:
         repetition_penalty=rep,
         frequency_penalty=freq,
         presence_penalty=pres,
+        logprobs=logprobs,
     )
     plain = generate(llm, prompts, sampling(temperature=0.0, max_tokens=25, ignore_eos=True))
     penalized = generate(llm, prompts, params)

@@ -173,6 +173,77 @@ def test_grammar_rows_speculate_within_their_grammar(make_checkpoint: Callable[.
         shutdown(llm)
 
 
+def test_masked_and_penalized_rows_speculate(make_checkpoint: Callable[..., Path]) -> None:
+    # Rows with allowed_token_ids, bad_words, min_tokens or penalties sample in the graph, so they draft, and
+    # their drafts are checked beside each other's: outputs equal the same requests without speculation (where
+    # those rows sample in the graph as well; test_vllm_llm checks them against HF), each differs from plain
+    # greedy output, and drafts were proposed and accepted. vLLM 0.16 refuses min_tokens with speculation.
+    from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
+
+    model_dir = make_checkpoint()
+    names = ["allowed", "bad_words", "min_tokens", "penalties"]
+    prompts = dict(zip(names, copying_prompts(4, seed=15), strict=True))
+    if not hasattr(MinTokensLogitsProcessor, "apply_with_spec_decode"):  # its rejection sampler's
+        del prompts["min_tokens"]
+    greedy = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm = make_llm(model_dir, speculative_config=ngram(3))
+    try:
+        outputs = generate(llm, list(prompts.values()), sampling(**greedy))
+        plain = {name: out.token_ids for name, out in zip(prompts, outputs, strict=True)}
+        tokenizer = llm.get_tokenizer()
+        # a bad word of two tokens from a plain output (vLLM bans its second token after its first)
+        pairs = (plain["bad_words"][i : i + 2] for i in range(len(plain["bad_words"]) - 1))
+        banned = next(p for p in pairs if tokenizer.encode(tokenizer.decode(p).lstrip()) == p)
+        allowed = sorted(set(prompts["allowed"]["prompt_token_ids"]))
+        params = {
+            "allowed": sampling(**greedy, allowed_token_ids=allowed),
+            "bad_words": sampling(**greedy, bad_words=[tokenizer.decode(banned)]),
+            # Qwen2.5-Instruct's generation config asks for a repetition penalty of 1.05
+            "penalties": sampling(
+                **greedy, repetition_penalty=1.05, frequency_penalty=0.1, presence_penalty=0.1
+            ),
+        }
+        if "min_tokens" in prompts:
+            stop = plain["min_tokens"][0]
+            params["min_tokens"] = sampling(
+                temperature=0.0, max_tokens=24, min_tokens=16, stop_token_ids=[stop]
+            )
+        params = [params[name] for name in prompts]
+        outputs = generate(llm, list(prompts.values()), params)
+        drafted = {name: out.token_ids for name, out in zip(prompts, outputs, strict=True)}
+        drafts, accepted = (metric(llm, f"vllm:spec_decode_num_{n}_tokens") for n in ("draft", "accepted"))
+    finally:
+        shutdown(llm)
+    llm = make_llm(model_dir)
+    try:
+        assert [o.token_ids for o in generate(llm, list(prompts.values()), params)] == list(drafted.values())
+    finally:
+        shutdown(llm)
+    assert drafts > 0 and accepted > 0, (drafts, accepted)
+    assert all(drafted[name] != plain[name] for name in prompts), "each row's parameters tell"
+    assert set(drafted["allowed"]) <= set(allowed) and len(drafted.get("min_tokens", range(16))) >= 16
+    assert all(drafted["bad_words"][i : i + 2] != banned for i in range(len(drafted["bad_words"]) - 1))
+
+
+def test_no_row_drafts_while_a_request_sampled_on_the_host_runs(make_checkpoint: Callable[..., Path]) -> None:
+    # A request that asks for logprobs is sampled on the host from logits, which a verify graph does not
+    # return; while it runs, nothing drafts (no drafts to leave unchecked, nor to take the step's token
+    # budget), and outputs stay HF's. Without it, the same prompts draft.
+    model_dir = make_checkpoint()
+    prompts = copying_prompts(3, seed=16)
+    greedy = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
+    llm = make_llm(model_dir, speculative_config=ngram(3))
+    try:
+        params = [sampling(**greedy), sampling(**greedy), sampling(**greedy, logprobs=2)]
+        with_host_row = generate(llm, prompts, params)
+        assert metric(llm, "vllm:spec_decode_num_draft_tokens") == 0
+        check_greedy(model_dir, prompts, with_host_row)
+        generate(llm, prompts, sampling(**greedy))
+        assert metric(llm, "vllm:spec_decode_num_draft_tokens") > 0
+    finally:
+        shutdown(llm)
+
+
 DRAFT_ARCHITECTURES = {
     "eagle": {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
     "medusa": {

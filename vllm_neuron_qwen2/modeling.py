@@ -35,10 +35,11 @@ from .compile.buckets import (
 from .compile.costs import FLOPS_PER_BYTE, RankShape, attention_flops
 from .compile.cpu import has_bf16_units
 from .config import NeuronConfig, Qwen2Shape
+from .model.graphs import penalty_width
 from .model.kv_cache import PADDING_BLOCK
 from .model.parallel import TPGroup
 from .model.qwen2 import Qwen2Decoder
-from .model.sampling import all_tokens_bitmask, bitmask_words, sample
+from .model.sampling import Penalties, all_tokens_bitmask, bitmask_words, sample
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class NeuronQwen2ForCausalLM:
         block_tables: Sequence[Sequence[int]],
         sampling: torch.Tensor | None = None,
         token_bitmask: torch.Tensor | None = None,
+        penalties: Penalties | None = None,
     ) -> torch.Tensor:
         """One serving step over paged sequences. Row r continues its sequence with `tokens[r]` at positions
         `starts[r]`, `starts[r] + 1`, ...: their K/V go into the blocks `block_tables[r]` (block ids in
@@ -186,7 +188,7 @@ class NeuronQwen2ForCausalLM:
         Returns the logits of each row's last token [rows, vocab], or, with `sampling` [rows, 4]
         (temperature, top_k, top_p, uniform draw; see model/sampling.py), sampled token ids [rows], each
         among the tokens its row of `token_bitmask` allows ([rows, ceil(vocab / 32)] int32, vLLM's grammar
-        bitmask layout; None: any token).
+        bitmask layout; None: any token), after `penalties` (model/sampling.py; None: none).
 
         One-token rows run in a decode graph. Rows of several tokens (prompt chunks) are packed end to end
         into a prefill graph that also carries the one-token rows, so a step streams the weights once (so do
@@ -195,7 +197,7 @@ class NeuronQwen2ForCausalLM:
         its longest row; one-token rows that would lift the chunks into a larger one run in a call of their
         own when that costs less (`_rows_apart`).
         """
-        self._check_paged(tokens, starts, block_tables, sampling, token_bitmask)
+        self._check_paged(tokens, starts, block_tables, sampling, token_bitmask, penalties)
         cfg = self.config
         rows = _rows(tokens, starts, block_tables)
         singles = [row for row in rows if len(row.tokens) == 1]
@@ -208,7 +210,7 @@ class NeuronQwen2ForCausalLM:
         riding = singles  # one-token rows in the first call of `calls`
         if singles and in_decode_graph and (apart or not chunks):
             bucket = self._decode_bucket(singles, cfg.on_device_sampling, row_tokens=1)
-            result, _ = self._run(bucket, singles, [], sampling, token_bitmask)
+            result, _ = self._run(bucket, singles, [], sampling, token_bitmask, penalties)
             if not chunks:
                 return result[: len(rows)]  # every row is a single, in order
             decoded = zip((row.index for row in singles), result[: len(singles)], strict=True)
@@ -225,8 +227,11 @@ class NeuronQwen2ForCausalLM:
             return torch.stack([logits[i] for i in range(len(rows))])
         host = sorted(logits)
         bitmask = None if token_bitmask is None else token_bitmask[host]
+        penalized = None if penalties is None else penalties.select(host)
         ids = torch.empty(len(rows), dtype=torch.int64)
-        ids[host] = sample(torch.stack([logits[i] for i in host]), sampling[host], cfg.max_topk, bitmask)
+        ids[host] = sample(
+            torch.stack([logits[i] for i in host]), sampling[host], cfg.max_topk, bitmask, penalized
+        )
         for i, token in sampled.items():
             ids[i] = token
         return ids
@@ -240,12 +245,14 @@ class NeuronQwen2ForCausalLM:
         block_tables: Sequence[Sequence[int]],
         sampling: torch.Tensor,
         token_bitmask: torch.Tensor | None = None,
+        penalties: Penalties | None = None,
         chunks: Sequence[int] = (),
     ) -> torch.Tensor | None:
         """Decode rows carrying drafts, checked in one verify graph call. Row r is its last sampled token
         and then up to speculation_length drafts, at positions starts[r], starts[r] + 1, ...; a token is
         sampled after each of them, with sampling [rows, Q, 4] (a draw per token), Q = 1 + speculation_length,
-        among the tokens token_bitmask [rows, Q, ceil(vocab / 32)] allows there (None: any). Returns them
+        among the tokens token_bitmask [rows, Q, ceil(vocab / 32)] allows there (None: any), after the
+        penalties there (factors [rows, Q, 2], token sets [rows, Q, 2, ceil(vocab / 32)]). Returns them
         [rows, Q] (entries past a row's tokens are padding). Draft j + 1 is accepted when token j
         equals it and every draft before it was accepted: one-hot drafts accepted with the target's
         probability of the draft, a rejected one replaced by a sample of the target without it, as
@@ -255,28 +262,22 @@ class NeuronQwen2ForCausalLM:
         token only (with sampling[r, 0], returned at [r, 0]). They ride along in the verify graph with the
         fewest prompt tokens that fits them; when their key blocks fit no single call, this returns None
         (step without the drafts)."""
-        self._check_paged(tokens, starts, block_tables, None, None)
+        self._check_paged(tokens, starts, block_tables)
         cfg, q_len = self.config, 1 + self.config.speculation_length
         if not cfg.speculation_length:
             raise ValueError("verify_paged needs neuron_config.speculation_length >= 1 (verify graphs)")
         rows = _rows(tokens, starts, block_tables)
         drafting = [row for i, row in enumerate(rows) if i not in chunks]
-        words = (len(rows), q_len, bitmask_words(self.vocab_size))
-        if (
-            max(len(row.tokens) for row in drafting) > q_len
-            or tuple(sampling.shape) != (len(rows), q_len, 4)
-            or (token_bitmask is not None and tuple(token_bitmask.shape) != words)
-        ):
+        if max(len(row.tokens) for row in drafting) > q_len:
             raise ValueError(
-                f"verify rows take 1 to {q_len} tokens, sampling [{len(rows)}, {q_len}, 4] and token_bitmask "
-                f"{list(words)}, got rows of {[len(row.tokens) for row in drafting]}, {list(sampling.shape)} "
-                f"and {None if token_bitmask is None else list(token_bitmask.shape)}"
+                f"verify rows take 1 to {q_len} tokens, got rows of {[len(row.tokens) for row in drafting]}"
             )
+        self._check_sampling((len(rows), q_len), sampling, token_bitmask, penalties)
         bucket = self._verify_bucket(rows, chunks)
         if bucket is None:
             return None
         pieces = [rows[i] for i in chunks]
-        result, placed = self._run(bucket, drafting, pieces, sampling, token_bitmask)
+        result, placed = self._run(bucket, drafting, pieces, sampling, token_bitmask, penalties)
         out = torch.zeros(len(rows), q_len, dtype=torch.int64)
         out[[row.index for row, _ in placed]] = result.view(bucket.rows, q_len)[: len(placed)]
         return out
@@ -291,7 +292,7 @@ class NeuronQwen2ForCausalLM:
     ) -> bool:
         """Whether `verify_paged` takes these rows (its prompt chunks ride along) rather than returning
         None: asked before drawing the rows' random numbers, which a step without drafts draws again."""
-        self._check_paged(tokens, starts, block_tables, None, None)
+        self._check_paged(tokens, starts, block_tables)
         return self._verify_bucket(_rows(tokens, starts, block_tables), chunks) is not None
 
     @torch.no_grad()
@@ -301,7 +302,7 @@ class NeuronQwen2ForCausalLM:
         """Like `step_paged` without sampling, but returns the logits of every token of each row: a
         [len(tokens[r]), vocab] tensor per row (prompt logprobs). Runs in the score graph, in as many calls
         as the rows' tokens need."""
-        self._check_paged(tokens, starts, block_tables, None, None)
+        self._check_paged(tokens, starts, block_tables)
         (bucket,) = [b for b in self.graphs if b.scores]
         rows = _rows(tokens, starts, block_tables)
         out: list[list[torch.Tensor]] = [[] for _ in rows]
@@ -372,6 +373,7 @@ class NeuronQwen2ForCausalLM:
         pieces: list[_Row],
         sampling: torch.Tensor | None = None,
         token_bitmask: torch.Tensor | None = None,
+        penalties: Penalties | None = None,
     ) -> tuple[torch.Tensor, list[tuple[_Row, int]]]:
         """Run one bucket graph over decode rows and prompt pieces, padded to the bucket's shapes (padding
         tokens write into block 0 and read it). Returns the graph's result, one row per row that ends in
@@ -421,12 +423,23 @@ class NeuronQwen2ForCausalLM:
             logit_index = [first + len(row.tokens) - 1 for row, first in placed if row.last]
         # per row [rows, ...], or a verify call's [rows, Q, ...]: one entry per logit row
         ending = [row.index for row, _ in placed if row.last]
-        params = torch.zeros(bucket.logit_rows(), 4)
-        bitmask = all_tokens_bitmask(bucket.logit_rows(), self.vocab_size)
-        for given, padded in ((sampling, params), (token_bitmask, bitmask)):
+        padding = (
+            torch.zeros(bucket.logit_rows(), 4),
+            all_tokens_bitmask(bucket.logit_rows(), self.vocab_size),
+            *Penalties.none(bucket.logit_rows(), penalty_width(bucket, self.vocab_size)),
+        )
+        given_penalties = (None,) * len(Penalties._fields) if penalties is None else penalties
+        for given, padded in zip((sampling, token_bitmask, *given_penalties), padding, strict=True):
             if given is not None:
-                picked = given[ending].flatten(0, -2)
-                padded[: len(picked)] = picked
+                picked = given[ending].flatten(0, given.dim() - padded.dim())
+                if picked.shape[-1] > padded.shape[-1]:  # tokens: a row's distinct ones fit its context
+                    if (picked[..., padded.shape[-1] :] >= 0).any():
+                        raise ValueError(
+                            f"penalties list more than {padded.shape[-1]} distinct tokens for a row of at "
+                            f"most {bucket.context} positions"
+                        )
+                    picked = picked[..., : padded.shape[-1]]
+                padded[: len(picked), ..., : picked.shape[-1]] = picked
         began = time.perf_counter()
         result = self.graphs[bucket](
             torch.tensor(ids),
@@ -437,8 +450,7 @@ class NeuronQwen2ForCausalLM:
             torch.tensor(key_starts) * bs,
             visible,
             torch.tensor(_padded(logit_index, bucket.logit_rows(), 0)),
-            params,
-            bitmask,
+            *padding,
         )
         self.padding.graph_seconds += time.perf_counter() - began
         self.padding.graph_calls += 1
@@ -446,7 +458,7 @@ class NeuronQwen2ForCausalLM:
         self.padding.add(bucket, real)
         return result, placed
 
-    def _check_paged(self, tokens, starts, block_tables, sampling, token_bitmask) -> None:
+    def _check_paged(self, tokens, starts, block_tables, sampling=None, token_bitmask=None, penalties=None):
         cfg, n = self.config, len(tokens)
         if len(starts) != n or len(block_tables) != n:
             raise ValueError(f"{n} token rows but {len(starts)} starts and {len(block_tables)} block tables")
@@ -470,17 +482,25 @@ class NeuronQwen2ForCausalLM:
             if min(row) < 0 or max(row) >= self.vocab_size:
                 raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size})")
         if sampling is not None:
-            if not cfg.on_device_sampling:
-                raise ValueError("sampling= needs neuron_config.on_device_sampling=true")
-            if tuple(sampling.shape) != (n, 4):
-                raise ValueError(f"sampling must be a [{n}, 4] tensor, got {list(sampling.shape)}")
-        if token_bitmask is not None:
-            words = bitmask_words(self.vocab_size)
-            if sampling is None or tuple(token_bitmask.shape) != (n, words):
-                raise ValueError(
-                    f"token_bitmask must be a [{n}, {words}] int32 tensor beside sampling=, got "
-                    f"{list(token_bitmask.shape)}"
-                )
+            self._check_sampling((n,), sampling, token_bitmask, penalties)
+        elif token_bitmask is not None or penalties is not None:
+            raise ValueError("token_bitmask= and penalties= go beside sampling=")
+
+    def _check_sampling(self, rows: tuple[int, ...], sampling, token_bitmask, penalties) -> None:
+        """The shapes of what the graphs sample with, for `rows` ([rows] or a verify call's [rows, Q])."""
+        if not self.config.on_device_sampling:
+            raise ValueError("sampling= needs neuron_config.on_device_sampling=true")
+        words = bitmask_words(self.vocab_size)
+        expected = {"sampling": (sampling, (*rows, 4)), "token_bitmask": (token_bitmask, (*rows, words))}
+        if penalties is not None:
+            expected["penalties.factors"] = (penalties.factors, (*rows, 3))
+            # a row's distinct tokens, at most one per position
+            width = min(penalties.token_ids.shape[-1], self.config.seq_len)
+            expected["penalties.token_ids"] = (penalties.token_ids, (*rows, 2, width))
+            expected["penalties.counts"] = (penalties.counts, (*rows, width))
+        for name, (given, shape) in expected.items():
+            if given is not None and tuple(given.shape) != shape:
+                raise ValueError(f"{name} must be a {list(shape)} tensor, got {list(given.shape)}")
 
 
 @dataclass

@@ -7,8 +7,9 @@ one model step: a decode graph when every row has one token, else a prefill grap
 chunks and carries the one-token rows. Rows of requests that ask for prompt logprobs run in the score graph
 instead, which returns every position's logits. A row whose chunk does not reach the end of its prompt yields
 no token. A row is sampled inside the graph when its parameters allow it (greedy, temperature, top-k, top-p,
-seed, a grammar: its bitmask is a graph input); any other row (logprobs, penalties, logits processors) makes
-the step return logits, and is sampled on the host by vLLM's Sampler after its grammar bitmask is applied.
+seed, penalties, and token masks: a grammar, allowed_token_ids, bad_words and min_tokens, one bitmask); any
+other row (logprobs, min_p, logit_bias) makes the step return logits, and is sampled on the host by vLLM's
+Sampler after its grammar bitmask is applied.
 With n-gram speculation, a step whose rows carry drafts runs in a verify graph, which samples after each
 draft and carries the step's prompt chunks; a row keeps its drafts up to
 the first one not sampled (speculation.py), and the proposer drafts the next step's tokens from each
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, build_logitsprocs
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.sampler import Sampler
 
-from .model.sampling import all_tokens_bitmask, mask_disallowed
+from .model.sampling import Penalties, PenaltyRow, all_tokens_bitmask, mask_disallowed, pack_bitmask
 from .model.sampling import sample as sample_in_graph_style
 from .speculation import DraftProposer, NgramProposer, accepted_tokens
 
@@ -85,19 +87,36 @@ class _Request:
         return tokens
 
     def can_sample_in_graph(self) -> bool:
-        """True when only greedy/temperature/top-k/top-p/seed and a grammar apply to this row's next token."""
+        """True when only greedy/temperature/top-k/top-p/seed, token masks (a grammar, allowed_token_ids,
+        bad_words, min_tokens: `allowed_tokens`) and penalties apply to this row's next token."""
         p = self.params
-        return not (
-            p.logprobs is not None
-            or p.presence_penalty != 0.0
-            or p.frequency_penalty != 0.0
-            or p.repetition_penalty != 1.0
-            or p.min_p > 0.0
-            or p.logit_bias
-            or p.allowed_token_ids
-            or p.bad_words_token_ids
-            or (len(self.output) < p.min_tokens and p.all_stop_token_ids)
-        )
+        return not (p.logprobs is not None or p.min_p > 0.0 or p.logit_bias)
+
+    def penalties_after(self, ahead: list[int]) -> PenaltyRow | None:
+        """This row's penalties after its output and then `ahead` (drafts); None without any."""
+        p = self.params
+        if p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
+            return None
+        output = Counter(self.output) + Counter(ahead)
+        factors = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+        return PenaltyRow(factors, sorted(output.keys() | set(self.prompt)), dict(sorted(output.items())))
+
+    def allowed_tokens(self, ahead: list[int], vocab_size: int) -> torch.Tensor | None:
+        """[vocab] bool: the tokens allowed_token_ids, bad_words and min_tokens leave this row after its
+        output and then `ahead` (drafts), as vLLM's Sampler and rejection sampler mask them; None: all."""
+        p, past = self.params, self.output + ahead
+        banned = list(p.all_stop_token_ids) if len(past) < p.min_tokens else []
+        for word in p.bad_words_token_ids or ():  # banned when the tokens before it end the output
+            if len(word) <= len(past) + 1 and past[len(past) - len(word) + 1 :] == word[:-1]:
+                banned.append(word[-1])
+        if not banned and not p.allowed_token_ids:
+            return None
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+        if p.allowed_token_ids:
+            allowed[:] = False
+            allowed[p.allowed_token_ids] = True
+        allowed[banned] = False
+        return allowed
 
     def sampling_row(self) -> list[float]:
         """(temperature, top_k, top_p, uniform) for the in-graph sampler; temperature 0 means greedy."""
@@ -116,7 +135,8 @@ class _Step:
     emits: list[bool]  # the row's chunk reaches the end of its known tokens: it yields a token
     in_graph: list[bool]  # the row samples as the graph does (else vLLM's Sampler on the host)
     params: torch.Tensor  # [rows, 4] in-graph sampling parameters
-    token_bitmask: torch.Tensor | None  # [rows, words]: the tokens a row under a grammar may sample
+    token_bitmask: torch.Tensor | None  # [rows, words]: the tokens a row may sample
+    penalties: Penalties | None  # the rows' repetition and presence penalties
     # token ids [rows] when the graph sampled every row (a verify graph: [rows, 1 + drafts] after each row
     # token), else logits [rows, vocab]
     result: torch.Tensor
@@ -153,8 +173,8 @@ class NeuronQwen2ModelRunner:
                 logger.info(
                     "speculative decoding: n-gram drafts, up to %d per row (n-grams of %d to %d tokens), "
                     "checked in verify graphs of %d tokens per row (with the step's prompt chunks); rows "
-                    "sampled on the host (logprobs, penalties) get no drafts, and the drafts of a step with "
-                    "such a row count as rejected",
+                    "sampled on the host (logprobs) get no drafts, and the drafts of a "
+                    "step with such a row count as rejected",
                     spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                     1 + self.neuron_config.speculation_length,
                 )  # fmt: skip
@@ -228,12 +248,16 @@ class NeuronQwen2ModelRunner:
         # Drafts are checked when every row is sampled in the graph, in a verify graph with the step's prompt
         # chunks; in any other step (a row sampled on the host, chunks whose key blocks need two calls) they
         # count as rejected and the rows decode one token.
-        bitmasks = self._token_bitmasks(so, order, grammar_output)
+        sampled_here = [in_graph[i] and emits[i] for i in rows]
+        bitmasks = self._token_bitmasks(so, order, grammar_output, sampled_here, drafts)
+        penalties = self._penalties(reqs, sampled_here, drafts)
         if any(drafts) and all(in_graph) and not scored:
-            step = self._run_verify(reqs, row_starts, chunks, drafts, emits, bitmasks)
+            step = self._run_verify(reqs, row_starts, chunks, drafts, emits, bitmasks, penalties)
             if step is not None:
                 return step
         bitmask = None if bitmasks is None else bitmasks[:, 0]
+        if penalties is not None:
+            penalties = Penalties(*(tensor[:, 0] for tensor in penalties))
         params = torch.tensor(
             [reqs[i].sampling_row() if in_graph[i] and emits[i] else [0.0] * 4 for i in rows]
         )
@@ -248,7 +272,13 @@ class NeuronQwen2ModelRunner:
             )
 
         if sampling is not None:
-            result = run(self.decoder.step_paged, stepped, sampling=sampling, token_bitmask=bitmask)
+            result = run(
+                self.decoder.step_paged,
+                stepped,
+                sampling=sampling,
+                token_bitmask=bitmask,
+                penalties=penalties,
+            )
         else:
             result = torch.empty(len(reqs), self.vocab_size)
             if stepped:
@@ -260,27 +290,57 @@ class NeuronQwen2ModelRunner:
                 if self._add_prompt_logprobs(reqs[i], row_starts[i], scores):
                     done[reqs[i].req_id] = reqs[i].prompt_logprobs
                     reqs[i].prompt_logprobs = None
-        return _Step(reqs, emits, in_graph, params, bitmask, result, done)
+        return _Step(reqs, emits, in_graph, params, bitmask, penalties, result, done)
 
     def _token_bitmasks(
-        self, so: SchedulerOutput, order: list[str], grammar_output: GrammarOutput | None
+        self,
+        so: SchedulerOutput,
+        order: list[str],
+        grammar_output: GrammarOutput | None,
+        sampled_here: list[bool],
+        drafts: list[list[int] | None],
     ) -> torch.Tensor | None:
-        """[rows, 1 + K, words] int32: the tokens each row may sample after each of its tokens, every token
-        for rows without a grammar; None when no row has one. vLLM's bitmask holds, in its own request
-        order, 1 + the scheduled drafts rows for each request under a grammar, the grammar state after
-        each draft (vLLM 0.16 and 0.32 alike)."""
-        if grammar_output is None:
-            return None
+        """[rows, 1 + K, words] int32: the tokens each row may sample after each of its tokens; None when
+        every row may sample any. A grammar's masks hold for every row (vLLM applies them before its Sampler);
+        a request's own (allowed_token_ids, bad_words, min_tokens) for the rows sampled here, as the graph
+        samples (vLLM's Sampler applies those itself). vLLM's bitmask holds, in its own request order, 1 +
+        the scheduled drafts rows for each request under a grammar, the grammar state after each draft
+        (vLLM 0.16 and 0.32 alike)."""
         width = 1 + self.neuron_config.speculation_length
         out = all_tokens_bitmask(len(order) * width, self.vocab_size).view(len(order), width, -1)
-        given = torch.from_numpy(grammar_output.grammar_bitmask)
-        row_of = {req_id: row for row, req_id in enumerate(order)}
-        at = 0
-        for req_id in grammar_output.structured_output_request_ids:
-            n = 1 + len(so.scheduled_spec_decode_tokens.get(req_id, ()))
-            out[row_of[req_id], :n] = given[at : at + n]
-            at += n
-        return out
+        masked = False
+        if grammar_output is not None:
+            given = torch.from_numpy(grammar_output.grammar_bitmask)
+            row_of = {req_id: row for row, req_id in enumerate(order)}
+            at = 0
+            for req_id in grammar_output.structured_output_request_ids:
+                n = 1 + len(so.scheduled_spec_decode_tokens.get(req_id, ()))
+                out[row_of[req_id], :n] = given[at : at + n]
+                at += n
+            masked = True
+        for row, req_id in enumerate(order):
+            ahead = drafts[row] or []
+            for j in range(1 + len(ahead)) if sampled_here[row] else ():
+                allowed = self.requests[req_id].allowed_tokens(ahead[:j], self.vocab_size)
+                if allowed is not None:
+                    out[row, j] &= pack_bitmask(allowed[None])[0]
+                    masked = True
+        return out if masked else None
+
+    def _penalties(
+        self, reqs: list[_Request], sampled_here: list[bool], drafts: list[list[int] | None]
+    ) -> Penalties | None:
+        """[rows, 1 + K, ...] penalties of the rows sampled here after each of their tokens (vLLM's rejection
+        sampler counts the drafts before a position as output); None when no such row has any."""
+        width = 1 + self.neuron_config.speculation_length
+        listed = [
+            req.penalties_after(ahead[:j]) if sampled_here[row] and j <= len(ahead) else None
+            for row, (req, ahead) in enumerate(zip(reqs, [d or [] for d in drafts], strict=True))
+            for j in range(width)
+        ]
+        if not any(listed):
+            return None
+        return Penalties(*(t.view(len(reqs), width, *t.shape[1:]) for t in Penalties.listed(listed)))
 
     def _run_verify(
         self,
@@ -290,6 +350,7 @@ class NeuronQwen2ModelRunner:
         drafts: list[list[int] | None],
         emits: list[bool],
         bitmasks: torch.Tensor | None,
+        penalties: Penalties | None,
     ) -> _Step | None:
         """One verify graph call: each decode row's last token and drafts, a fresh draw for every token;
         prompt chunks sampled after their last token when it ends the prompt. None, before any row draws a
@@ -311,10 +372,11 @@ class NeuronQwen2ModelRunner:
             block_tables=tables,
             sampling=sampling,
             token_bitmask=bitmasks,
+            penalties=penalties,
             chunks=prompts,
         )
         row_drafts = [d or [] for d in drafts]
-        return _Step(reqs, emits, [True] * len(reqs), sampling[:, 0], None, result, {}, row_drafts)
+        return _Step(reqs, emits, [True] * len(reqs), sampling[:, 0], None, None, result, {}, row_drafts)
 
     def _add_prompt_logprobs(self, req: _Request, start: int, logits: torch.Tensor) -> bool:
         """Score the prompt tokens this chunk predicts (position i predicts token i + 1) into the request's
@@ -402,6 +464,7 @@ class NeuronQwen2ModelRunner:
                 step.params[fast],
                 self.neuron_config.max_topk,
                 None if bitmask is None else bitmask[fast],
+                None if step.penalties is None else step.penalties.select(fast),
             )
         host = [i for i in rows if step.emits[i] and not step.in_graph[i]]
         if not host:
