@@ -172,9 +172,8 @@ class NeuronQwen2ModelRunner:
             if self.decoder.decoder.tp.rank == 0:
                 logger.info(
                     "speculative decoding: n-gram drafts, up to %d per row (n-grams of %d to %d tokens), "
-                    "checked in verify graphs of %d tokens per row (with the step's prompt chunks); rows "
-                    "sampled on the host (logprobs) get no drafts, and the drafts of a "
-                    "step with such a row count as rejected",
+                    "checked in verify graphs of %d tokens per row (with the step's prompt chunks); while "
+                    "a request sampled on the host (logprobs) runs, no row drafts",
                     spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                     1 + self.neuron_config.speculation_length,
                 )  # fmt: skip
@@ -432,10 +431,13 @@ class NeuronQwen2ModelRunner:
         )
 
     def _propose(self, reqs: list[_Request]) -> None:
-        """Drafts for the next step of each row sampled in the graph (a row sampled on the host has none:
-        its logits processors or logprobs would need logits at every draft). vLLM's scheduler keeps a
-        grammar row's drafts up to the first its grammar refuses."""
-        drafting = [r for r in reqs if r.output and r.can_sample_in_graph()]
+        """Drafts for the next step of each row sampled in the graph. While a request sampled on the host
+        (logprobs) runs, no row drafts: its logits do not leave a verify graph, so the next step, which
+        mostly has the same rows, would not check the drafts, which would only take the scheduler's token
+        budget and count as rejected. vLLM's scheduler keeps a grammar row's drafts up to the first its
+        grammar refuses."""
+        on_host = any(not r.can_sample_in_graph() for r in reqs)
+        drafting = [] if on_host else [r for r in reqs if r.output]
         sequences = [r.prompt + r.output for r in drafting]
         rooms = [self.max_model_len - len(seq) for seq in sequences]
         self._proposed = {r.req_id: [] for r in reqs}
