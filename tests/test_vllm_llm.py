@@ -459,6 +459,19 @@ def test_logit_bias_allowed_ids_bad_words_min_tokens(default_llm: tuple[Any, Pat
         assert logits[:5].argmax(-1).tolist() == list(out.token_ids[:5])
 
 
+def test_a_custom_logits_processor_applies_to_every_row(make_checkpoint: Callable[..., Path]) -> None:
+    # `--logits-processors` run on the host, so with one configured no row samples in the graph
+    from custom_logits_processor import ALLOWED
+
+    llm = make_llm(make_checkpoint(), logits_processors=["custom_logits_processor:OnlyThreeTokens"])
+    try:
+        prompts = token_prompts(3, [6, 21], tokenizer_vocab(llm), seed=5)
+        outputs = generate(llm, prompts, sampling(temperature=0.0, max_tokens=8, ignore_eos=True))
+    finally:
+        shutdown(llm)
+    assert all(set(o.token_ids) <= set(ALLOWED) for o in outputs)
+
+
 def test_prompt_logprobs_match_hf(configured: tuple[Any, Path]) -> None:
     # prompts of several lengths (longer than a 40-token step in one config), scored alongside ordinary
     # requests that decode in the same steps; every position's logprob against HF's log-softmax

@@ -157,6 +157,9 @@ class NeuronQwen2ModelRunner:
             is_pooling_model=False,
             custom_logitsprocs=vllm_config.model_config.logits_processors or (),
         )
+        # `--logits-processors` run on the host only, so with any of them every row is sampled there
+        custom = bool(vllm_config.model_config.logits_processors)
+        self.graph_samples = self.neuron_config.on_device_sampling and not custom
         # TP over processes (the cpu backend) runs every step on every rank. Held from the start: an engine
         # that shares this process may tear vLLM's global groups down.
         self.tp_group = get_tp_group() if self.decoder.decoder.tp.group is not None else None
@@ -240,10 +243,7 @@ class NeuronQwen2ModelRunner:
         emits = [row_starts[i] + len(chunks[i]) == len(reqs[i].prompt) + len(reqs[i].output) for i in rows]
         scored = [i for i in rows if reqs[i].prompt_logprobs is not None]
         stepped = [i for i in rows if reqs[i].prompt_logprobs is None]
-        in_graph = [
-            self.neuron_config.on_device_sampling and (not emits[i] or reqs[i].can_sample_in_graph())
-            for i in rows
-        ]
+        in_graph = [self.graph_samples and (not emits[i] or reqs[i].can_sample_in_graph()) for i in rows]
         # Drafts are checked when every row is sampled in the graph, in a verify graph with the step's prompt
         # chunks; in any other step (a row sampled on the host, chunks whose key blocks need two calls) they
         # count as rejected and the rows decode one token.
@@ -436,7 +436,7 @@ class NeuronQwen2ModelRunner:
         mostly has the same rows, would not check the drafts, which would only take the scheduler's token
         budget and count as rejected. vLLM's scheduler keeps a grammar row's drafts up to the first its
         grammar refuses."""
-        on_host = any(not r.can_sample_in_graph() for r in reqs)
+        on_host = not self.graph_samples or any(not r.can_sample_in_graph() for r in reqs)
         drafting = [] if on_host else [r for r in reqs if r.output]
         sequences = [r.prompt + r.output for r in drafting]
         rooms = [self.max_model_len - len(seq) for seq in sequences]
