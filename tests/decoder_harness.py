@@ -141,7 +141,7 @@ def play_verify_session(model: NeuronQwen2ForCausalLM, vocab: int, seed: int = 6
         listed = [
             PenaltyRow(
                 (1.3, 0.5, 0.4),
-                sorted(set(seq[: start + j])),
+                torch.tensor(sorted(set(seq[: start + j]))),
                 Counter(seq[max(start + j - 4, 0) : start + j]),
             )
             for seq, start in [*zip(seqs.values(), starts, strict=True), *[(c, len(c) - 1) for c in chunk]]

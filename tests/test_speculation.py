@@ -278,14 +278,19 @@ def test_row_masks_and_penalties_after_each_draft_are_vllms():
     logits = torch.randn(len(pasts), vocab)
     prompt_ids = torch.tensor([prompt] * len(pasts))
     output_ids = torch.tensor([p + [vocab] * (len(pasts[-1]) - len(p)) for p in pasts])  # padded as vLLM
-    rows = [req.penalties_after(drafts[:j]) for j in range(len(pasts))]
-    assert rows[3].repeated == [3, 4, 5, 6, 7, 8, 9] and rows[3].output_counts == {6: 2, 7: 1, 8: 1, 9: 1}
+    rows = req.penalties_after_each(drafts)
+    assert rows[3].repeated.tolist() == [3, 4, 5, 6, 7, 8, 9] and rows[3].output_counts == {
+        6: 2,
+        7: 1,
+        8: 1,
+        9: 1,
+    }
     repetition, frequency, presence = torch.tensor([rows[0].factors] * len(pasts)).T
     expected = apply_penalties(logits.clone(), prompt_ids, output_ids, presence, frequency, repetition)
     assert torch.equal(penalize(logits, Penalties.listed(rows)), expected)
     # before any output the second list is empty and changes nothing (token 0, where its padding points,
     # included); a row without penalties is left alone
-    fresh = _Request("s", prompt, params, None, [1]).penalties_after([])
+    (fresh,) = _Request("s", prompt, params, None, [1]).penalties_after_each([])
     assert fresh.output_counts == {}
     no_output = torch.full((2, 1), vocab)
     expected = apply_penalties(

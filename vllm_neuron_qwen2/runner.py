@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,14 +93,30 @@ class _Request:
         p = self.params
         return not (p.logprobs is not None or p.min_p > 0.0 or p.logit_bias)
 
-    def penalties_after(self, ahead: list[int]) -> PenaltyRow | None:
-        """This row's penalties after its output and then `ahead` (drafts); None without any."""
+    def penalties_after_each(self, drafts: list[int]) -> list[PenaltyRow] | None:
+        """This row's penalties after its output, then after each of `drafts` in turn (1 + len(drafts) rows;
+        vLLM's rejection sampler counts the drafts before a position as output); None without any."""
         p = self.params
         if p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
             return None
-        output = Counter(self.output) + Counter(ahead)
         factors = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
-        return PenaltyRow(factors, sorted(output.keys() | set(self.prompt)), dict(sorted(output.items())))
+        output, rows = Counter(self.output), []
+        for token in [None, *drafts]:
+            if token is not None:
+                output[token] += 1
+            beyond_prompt = sorted(t for t in output if t not in self.prompt_set)
+            repeated = torch.cat([self.prompt_tokens, torch.tensor(beyond_prompt, dtype=torch.int64)])
+            rows.append(PenaltyRow(factors, repeated, dict(sorted(output.items()))))
+        return rows
+
+    @cached_property
+    def prompt_set(self) -> frozenset[int]:
+        return frozenset(self.prompt)
+
+    @cached_property
+    def prompt_tokens(self) -> torch.Tensor:
+        """The prompt's distinct tokens, sorted, which every step's penalties list."""
+        return torch.tensor(sorted(self.prompt_set), dtype=torch.int64)
 
     def allowed_tokens(self, ahead: list[int], vocab_size: int) -> torch.Tensor | None:
         """[vocab] bool: the tokens allowed_token_ids, bad_words and min_tokens leave this row after its
@@ -136,7 +153,7 @@ class _Step:
     in_graph: list[bool]  # the row samples as the graph does (else vLLM's Sampler on the host)
     params: torch.Tensor  # [rows, 4] in-graph sampling parameters
     token_bitmask: torch.Tensor | None  # [rows, words]: the tokens a row may sample
-    penalties: Penalties | None  # the rows' repetition and presence penalties
+    penalties: Penalties | None  # the rows' penalties (model/sampling.py)
     # token ids [rows] when the graph sampled every row (a verify graph: [rows, 1 + drafts] after each row
     # token), else logits [rows, vocab]
     result: torch.Tensor
@@ -332,11 +349,10 @@ class NeuronQwen2ModelRunner:
         """[rows, 1 + K, ...] penalties of the rows sampled here after each of their tokens (vLLM's rejection
         sampler counts the drafts before a position as output); None when no such row has any."""
         width = 1 + self.neuron_config.speculation_length
-        listed = [
-            req.penalties_after(ahead[:j]) if sampled_here[row] and j <= len(ahead) else None
-            for row, (req, ahead) in enumerate(zip(reqs, [d or [] for d in drafts], strict=True))
-            for j in range(width)
-        ]
+        listed: list[PenaltyRow | None] = []
+        for req, here, ahead in zip(reqs, sampled_here, drafts, strict=True):
+            rows = req.penalties_after_each(ahead or []) if here else None
+            listed += (rows or []) + [None] * (width - len(rows or []))
         if not any(listed):
             return None
         return Penalties(*(t.view(len(reqs), width, *t.shape[1:]) for t in Penalties.listed(listed)))

@@ -2,9 +2,8 @@
 
 Each row's random draw comes in as an input (`uniform`), so seeded requests stay reproducible and the
 graph itself holds no RNG state. So does each row's set of allowed tokens (a grammar's, in vLLM's packed
-bitmask layout), so rows under a grammar sample in the graph too, and its repetition and presence
-penalties with the token sets they apply to, in the same layout. As on Neuron, sampling looks at the
-`max_topk` best allowed tokens only.
+bitmask layout), so rows under a grammar sample in the graph too, and its penalties with the tokens they
+apply to (`Penalties`). As on Neuron, sampling looks at the `max_topk` best allowed tokens only.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ class Penalties(NamedTuple):
         for i, row in enumerate(rows):
             if row is not None:
                 out.factors[i] = torch.tensor(row.factors)
-                out.token_ids[i, 0, : len(row.repeated)] = torch.tensor(row.repeated)
+                out.token_ids[i, 0, : len(row.repeated)] = row.repeated
                 out.token_ids[i, 1, : len(row.output_counts)] = torch.tensor(list(row.output_counts))
                 out.counts[i, : len(row.output_counts)] = torch.tensor(list(row.output_counts.values()))
         return out
@@ -84,7 +83,7 @@ class PenaltyRow(NamedTuple):
     """One row's penalties as the host knows them."""
 
     factors: tuple[float, float, float]  # repetition, frequency, presence
-    repeated: list[int]  # the distinct tokens of prompt or output
+    repeated: torch.Tensor  # the distinct tokens of prompt or output, int64
     output_counts: dict[int, int]  # the output's tokens, and how often each occurs
 
 
