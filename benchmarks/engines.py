@@ -94,7 +94,7 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         assert counts == {tokens}, f"expected {tokens} tokens per request, got {counts}"
         return elapsed
 
-    def padding() -> dict[str, list[int]]:
+    def padding() -> dict[str, list[float]]:
         if engine not in PLUGIN_ENGINES:
             return {}
         stats = llm.collective_rpc("padding_stats")[0]  # rank 0: every rank pads alike
@@ -104,7 +104,7 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             shape = f"{rows}x{row_tokens}" if row_tokens > 1 else f"{rows}"
             return f"{kind} {shape}+{tokens}x{context}{' sampled' if sample else ''}"
 
-        return {name(*row[:5]): [real, pad] for *row, real, pad in stats}
+        return {name(*row[:5]): [real, pad, calls, seconds] for *row, real, pad, calls, seconds in stats}
 
     def counters() -> dict[str, float]:
         """vLLM's prefix-cache counters and, for the plugin, its step and graph-call times (cumulative)."""
@@ -134,11 +134,11 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             "hits": timed["vllm:prefix_cache_hits"],
         },
         **({"step_stats": _host_time(timed)} if engine in PLUGIN_ENGINES else {}),
-        # real and padded tokens of the timed run only (the warm-up is subtracted)
+        # real and padded tokens, calls and seconds of the timed run only (the warm-up is subtracted)
         "padding": {
-            key: [real - before.get(key, [0, 0])[0], pad - before.get(key, [0, 0])[1]]
-            for key, (real, pad) in after.items()
-            if real != before.get(key, [0, 0])[0]
+            key: [now - then for now, then in zip(values, before.get(key, [0] * 4), strict=True)]
+            for key, values in after.items()
+            if values[2] != before.get(key, [0] * 4)[2]
         },
     }
 

@@ -139,17 +139,18 @@ def _startup(raw: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def _padding(per_round: list[dict[str, list[int]]]) -> dict[str, Any]:
-    """Real and padded tokens per bucket, summed over rounds, and padded/real per kind."""
-    buckets: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+def _padding(per_round: list[dict[str, list[float]]]) -> dict[str, Any]:
+    """Real and padded tokens, calls and seconds per bucket, summed over rounds, and padded/real per kind.
+    (Results from before calls and seconds were counted have two values per bucket.)"""
+    buckets: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
     for rnd in per_round:
-        for key, (real, pad) in rnd.items():
-            buckets[key][0] += real
-            buckets[key][1] += pad
+        for key, values in rnd.items():
+            for i, value in enumerate(values):
+                buckets[key][i] += value
     waste = {}
     for kind in ("prefill", "decode"):
-        real = sum(r for key, (r, _) in buckets.items() if key.startswith(kind))
-        pad = sum(p for key, (_, p) in buckets.items() if key.startswith(kind))
+        real = sum(values[0] for key, values in buckets.items() if key.startswith(kind))
+        pad = sum(values[1] for key, values in buckets.items() if key.startswith(kind))
         waste[kind] = pad / real if real else None
     return {"buckets": dict(sorted(buckets.items())), "waste": waste}
 
@@ -311,10 +312,13 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any]) -> str:
     for name in workloads:
         buckets = summary["workloads"][name]["padding"]["buckets"]
         if buckets:
-            lines += ["", f"Plugin padding per bucket, {name} (timed runs, all rounds):", ""]
-            lines += ["| bucket | real tokens | padded tokens | padded / real |", "|---|---|---|---|"]
-            for key, (real, pad) in buckets.items():
-                lines.append(f"| {key} | {real} | {pad} | {pad / real:.1%} |")
+            lines += ["", f"Plugin padding and time per bucket, {name} (timed runs, all rounds):", ""]
+            lines += [
+                "| bucket | real tokens | padded tokens | padded / real | calls | seconds in calls |",
+                "|---|---|---|---|---|---|",
+            ]
+            for key, (real, pad, calls, seconds) in buckets.items():
+                lines.append(f"| {key} | {real} | {pad} | {pad / real:.1%} | {calls} | {seconds:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -311,9 +311,18 @@ def test_plan_lists_every_graph_and_the_default_ladder_stays_in_budget(
     assert f"{len(graphs)} bucket graphs: 6 decode" in caplog.text, "start-up logs the count"
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN2_7B))
-    args = ["--max-num-seqs", "8", "--max-model-len", "32768", "-tp", "2", "--dtype", "bfloat16"]
-    lines, graphs = plan(tmp_path, *args, "--backend", "neuron", capsys=capsys)
-    assert len(graphs) <= 40  # the budget at 32768 / 8
+    args = ["--max-num-seqs", "8", "-tp", "2", "--dtype", "bfloat16", "--backend", "neuron"]
+    contexts = {}
+    for length in (8192, 16384, 32768):
+        lines, graphs = plan(tmp_path, *args, "--max-model-len", str(length), capsys=capsys)
+        assert len(graphs) <= 40  # the budget at 32768 / 8, and no more below it
+        contexts[length] = sorted({int(g.split("x")[-1].split("+")[0].rstrip("]")) for g in graphs})
+    # a long prompt's last chunks and its decode rows attend three quarters of the length, not all of it
+    assert contexts == {
+        8192: [512, 2048, 4096, 6144, 8192],
+        16384: [512, 2048, 8192, 12288, 16384],
+        32768: [512, 2048, 8192, 16384, 32768],
+    }
     memory = next(line for line in lines if line.startswith("per NeuronCore:"))
     assert re.search(r"weights 7\.\d\d GiB, KV pool 7\.00 GiB \(8\.0 full-length sequences\)", memory)
 

@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -270,23 +271,28 @@ def test_padding_stats_through_collective_rpc(default_llm: tuple[Any, Path]) -> 
     # what benchmarks/ reports as padding waste: every prompt token counted once, in packed prefill calls
     llm, _ = default_llm
 
-    def stats() -> dict[tuple, tuple[int, int]]:
-        return {tuple(row[:4]): (row[5], row[6]) for row in llm.collective_rpc("padding_stats")[0]}
+    def stats() -> dict[tuple, tuple[float, ...]]:  # (real, padded, calls, seconds) per bucket
+        return {tuple(row[:4]): tuple(row[5:]) for row in llm.collective_rpc("padding_stats")[0]}
 
     before = stats()
     lengths = [5, 30, 17, 60, 9, 44]
     prompts = token_prompts(len(lengths), lengths, tokenizer_vocab(llm), seed=3)
+    began = time.perf_counter()
     generate(llm, prompts, sampling(temperature=0.0, max_tokens=10, ignore_eos=True))
+    elapsed = time.perf_counter() - began
     delta = {
-        bucket: (real - before.get(bucket, (0, 0))[0], pad - before.get(bucket, (0, 0))[1])
-        for bucket, (real, pad) in stats().items()
+        bucket: tuple(now - then for now, then in zip(values, before.get(bucket, (0,) * 4), strict=True))
+        for bucket, values in stats().items()
     }
-    prefill = {b: rp for b, rp in delta.items() if b[1] and rp != (0, 0)}  # (rows, tokens, context, sample)
-    assert sum(real for real, _ in prefill.values()) == sum(lengths)
-    for (rows, tokens, _, _), (real, pad) in prefill.items():
-        assert rows == SLOTS and pad >= 0 and (real + pad) % tokens == 0  # whole calls of the bucket
-    decoded = sum(real for b, (real, _) in delta.items() if not b[1])
+    ran = {b: d for b, d in delta.items() if d[2]}  # (rows, tokens, context, sample) -> its delta
+    prefill = {b: d for b, d in ran.items() if b[1]}
+    assert sum(real for real, *_ in prefill.values()) == sum(lengths)
+    for (rows, tokens, _, _), (real, pad, calls, _) in prefill.items():
+        assert rows == SLOTS and pad >= 0 and real + pad == calls * tokens  # whole calls of the bucket
+    decoded = sum(real for b, (real, *_) in ran.items() if not b[1])
     assert 0 < decoded <= len(lengths) * 9  # the rest of the 9 rode along in prefill calls
+    seconds = [d[3] for d in ran.values()]
+    assert all(s > 0 for s in seconds) and sum(seconds) < elapsed  # the time inside each bucket's calls
 
 
 def metric(llm: Any, name: str) -> int:

@@ -52,11 +52,12 @@ WIDTHS = (10, 10, 22, 12, 10)
 UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization
 LADDER_REASONS = (
     "Why this ladder: a step runs the graph of the smallest context covering its longest row, so attention "
-    "and K/V traffic follow the real contexts (at most 4x them: contexts step by 4x from 512 to keep the "
-    "graph count low at 32k). Decode rows step by 2x (decode streams the weights, so a padded row costs "
-    "little). Prefill sizes step by 1.5x at the smallest context, where short chunks and chat turns run; "
-    "beyond it, where attention dominates and chunks are mostly a long prompt's, three sizes: the smallest "
-    "(host-sampled decode rows), a quarter and the whole step."
+    "and K/V traffic follow the real contexts (at most 4x them: contexts step by 4x from 512, plus half and "
+    "three quarters of the length while there are at most five, where long prompts spend most; five "
+    "contexts keep 32k within 40 graphs). Decode rows step by 2x (decode streams the weights, so a padded "
+    "row costs little). Prefill sizes step by 1.5x at the smallest context, where short chunks and chat "
+    "turns run; beyond it, where attention dominates and chunks are mostly a long prompt's, three sizes: "
+    "the smallest (host-sampled decode rows), a quarter and the whole step."
 )
 VERIFY_REASONS = (
     "Verify graphs (speculation): at each context the fewest and the most decode rows (the rest pad up, "

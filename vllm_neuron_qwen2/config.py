@@ -90,15 +90,18 @@ def _ladder(smallest: int, largest: int, multiple: int) -> list[int]:
 
 
 def _context_ladder(smallest: int, largest: int) -> list[int]:
-    """`smallest`, 4x it, 16x it, ... below `largest`, half of `largest` (a typical context: sequences half
-    way to their end attend no more than they need) once that is 4x `smallest`, and `largest`: few graphs
-    even at 32k, and a step attends at most 4x the context it needs."""
+    """`smallest`, 4x it, 16x it, ... below `largest`, and `largest`; then half and three quarters of
+    `largest` (sequences half or three quarters of the way to their end attend no more than they need), each
+    once it is 4x `smallest`, while there are fewer than MAX_DEFAULT_CONTEXTS. A step attends at most 4x the
+    context it needs (1.5x in the upper half of lengths of 8k-16k, where long prompts spend most), and even
+    at 32k the graphs stay few."""
     sizes, c = {largest}, smallest
     while c < largest:
         sizes.add(c)
         c *= 4
-    if largest // 2 >= 4 * smallest:
-        sizes.add(largest // 2)
+    for upper in (largest // 2, largest * 3 // 4):
+        if upper >= 4 * smallest and len(sizes) < MAX_DEFAULT_CONTEXTS:
+            sizes.add(upper)
     return sorted(sizes)
 
 
@@ -107,6 +110,8 @@ BUCKET_FIELDS = ("prefill_lengths", "decode_batch_sizes", "context_lengths")
 PREFILL_STEP = 8
 # The smallest context bucket by default: below it, attention is small next to streaming the weights.
 SMALLEST_CONTEXT = 512
+# Context buckets by default at most: each adds 6 graphs (3 decode, 3 prefill), 40 in all at 32k.
+MAX_DEFAULT_CONTEXTS = 5
 BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512

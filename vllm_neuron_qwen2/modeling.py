@@ -45,19 +45,29 @@ logger = logging.getLogger(__name__)
 
 
 class PaddingStats:
-    """Real and padded tokens per bucket, to measure what the bucket choice wastes, and the time spent inside
-    graph calls (the rest of a serving step is host work)."""
+    """Real and padded tokens, calls and seconds inside graph calls per bucket: what the bucket choice wastes
+    and where a step's time goes (the rest of a serving step is host work)."""
 
     def __init__(self) -> None:
         self.real: Counter[Bucket] = Counter()
         self.padded: Counter[Bucket] = Counter()
-        self.graph_calls = 0
-        self.graph_seconds = 0.0
+        self.calls: Counter[Bucket] = Counter()
+        self.seconds: Counter[Bucket] = Counter()
 
-    def add(self, bucket: Bucket, real: int) -> None:
+    def add(self, bucket: Bucket, real: int, seconds: float) -> None:
         total = bucket.tokens or bucket.row_token_count()  # packed prompt-chunk tokens, or row tokens
         self.real[bucket] += real
         self.padded[bucket] += total - real
+        self.calls[bucket] += 1
+        self.seconds[bucket] += seconds
+
+    @property
+    def graph_calls(self) -> int:
+        return self.calls.total()
+
+    @property
+    def graph_seconds(self) -> float:
+        return sum(self.seconds.values())
 
 
 def serving_config(model_dir: Path, requested: NeuronConfig, shape: Qwen2Shape) -> NeuronConfig:
@@ -452,10 +462,8 @@ class NeuronQwen2ForCausalLM:
             torch.tensor(_padded(logit_index, bucket.logit_rows(), 0)),
             *padding,
         )
-        self.padding.graph_seconds += time.perf_counter() - began
-        self.padding.graph_calls += 1
         real = sum(len(row.tokens) for row in (pieces if bucket.tokens else singles))
-        self.padding.add(bucket, real)
+        self.padding.add(bucket, real, time.perf_counter() - began)
         return result, placed
 
     def _check_paged(self, tokens, starts, block_tables, sampling=None, token_bitmask=None, penalties=None):
