@@ -351,8 +351,8 @@ class NeuronQwen2ModelRunner:
         width = 1 + self.neuron_config.speculation_length
         listed: list[PenaltyRow | None] = []
         for req, here, ahead in zip(reqs, sampled_here, drafts, strict=True):
-            rows = req.penalties_after_each(ahead or []) if here else None
-            listed += (rows or []) + [None] * (width - len(rows or []))
+            rows = (req.penalties_after_each(ahead or []) if here else None) or []
+            listed += rows + [None] * (width - len(rows))
         if not any(listed):
             return None
         return Penalties(*(t.view(len(reqs), width, *t.shape[1:]) for t in Penalties.listed(listed)))
