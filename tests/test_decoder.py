@@ -16,10 +16,11 @@ from transformers import Qwen2ForCausalLM
 
 from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM, modeling
 from vllm_neuron_qwen2.compile.buckets import Bucket
+from vllm_neuron_qwen2.compile.costs import RankShape, core_memory
 from vllm_neuron_qwen2.config import ConfigError, Qwen2Shape
 from vllm_neuron_qwen2.model.checkpoint import CheckpointError, load_checkpoint
 from vllm_neuron_qwen2.model.graphs import BucketGraph, example_inputs
-from vllm_neuron_qwen2.model.parallel import TPGroup
+from vllm_neuron_qwen2.model.parallel import PLAIN_GEMM_ROWS, ShardLinear, TPGroup
 from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
 from vllm_neuron_qwen2.model.sampling import allowed_tokens, bitmask_words
 
@@ -140,6 +141,49 @@ def test_rows_far_beyond_a_chunk_run_apart_when_that_costs_less(tiny_qwen2, monk
     prompt_contexts = {b.context for b, real in model.padding.real.items() if b.tokens and real}
     sampled_apart = any(b.kind == "decode" and b.sample for b in model.padding.real)
     assert (prompt_contexts, sampled_apart) == (({256}, False) if balance else ({32}, True))
+
+
+def test_chunks_of_several_sequences_that_need_key_room_move_up_a_context(tiny_qwen2):
+    """Contexts 32 / 64 / 256, blocks of 8: the 64 graphs (neither smallest nor largest) hold 1 + 8 key
+    blocks, no room for a second sequence's. A 16-token chunk ending at 56 runs there alone; beside a new
+    24-token prompt (7 + 3 blocks) the step moves to the 256 graph, which packs. HF's logits either way."""
+    model = load(tiny_qwen2, **CONTEXTS)
+    assert [b.key_blocks(8) for b in model.graphs if b.kind == "prefill" and b.context == 64] == [9, 9, 9]
+    hf = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in (56, 24)]
+    tables = [list(range(1, 33)), list(range(33, 65))]
+    model.step_paged(tokens=[seqs[0][:40]], starts=[0], block_tables=tables[:1])
+    for packed in (False, True):
+        model.padding.real.clear()
+        step = dict(tokens=[seqs[0][40:], seqs[1]][: 1 + packed], starts=[40, 0][: 1 + packed])
+        got = model.step_paged(**step, block_tables=tables[: 1 + packed])
+        assert (got - hf_last_logits(hf, seqs[: 1 + packed])).abs().max().item() < TOL
+        assert [b.context for b in model.padding.real] == [256 if packed else 64]
+
+
+def test_cpu_float32_layers_multiply_prompt_chunks_with_their_plain_weights(tiny_qwen2, monkeypatch):
+    """Eager float32 on the cpu backend: each layer's linear keeps its plain weight beside oneDNN's blocked
+    one and uses it from PLAIN_GEMM_ROWS input rows (the default GEMM is faster there), the blocked one
+    below; the lm_head keeps the blocked one only. The memory the pool is sized against counts the copy."""
+    model = load(tiny_qwen2)
+    linears = [m for m in model.decoder.layers.modules() if isinstance(m, ShardLinear)]
+    assert all(m.packed is not None and m.weight is not None for m in linears)
+    assert model.decoder.lm_head.weight is None
+    gate_up, plain_calls = model.decoder.layers[0].mlp.gate_up_proj, []
+    default_linear = torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda *a: plain_calls.append(a[0].shape[1]) or default_linear(*a)
+    )
+    with torch.no_grad():
+        for rows in (PLAIN_GEMM_ROWS, PLAIN_GEMM_ROWS - 1, 8):
+            gate_up(torch.randn(1, rows, gate_up.weight.shape[1]))
+    assert plain_calls == [PLAIN_GEMM_ROWS]
+    shape, config = model.decoder.shape, model.config
+    compiled = NeuronConfig(**{**config.to_dict(), "compile_mode": "compiled"})
+    buckets = list(model.graphs)
+    copy = core_memory(shape, config, buckets).weights - core_memory(shape, compiled, buckets).weights
+    assert copy == RankShape.of(shape, config).layer_weights > 0
 
 
 def test_prompt_longer_than_the_largest_prefill_bucket_runs_in_several_calls(tiny_qwen2):

@@ -22,6 +22,7 @@ class Bucket(NamedTuple):
     sample: bool  # sample in the graph (token ids out) instead of returning logits
     scores: bool = False  # logits of every token (prompt logprobs), not of each row's last one
     row_tokens: int = 1  # tokens per decode row: 1, or 1 + the drafts a verify graph checks
+    packs: bool = True  # key capacity for `tokens` positions beyond `context` (see key_blocks)
 
     @property
     def kind(self) -> str:
@@ -49,11 +50,11 @@ class Bucket(NamedTuple):
 
     def key_blocks(self, block_size: int) -> int:
         """Capacity of the key_blocks input: the padding block, then the blocks of the step's chunk sequences,
-        each once. Enough for one chunk continuing a context of up to `context` positions plus `tokens` new
-        ones, or for several chunks that share their prefix blocks (one unused block in a decode graph)."""
+        each once (one unused block in a decode graph). `context` positions hold one chunk ending there;
+        a graph that `packs` has room for `tokens` more, so that the chunks of several sequences fit too."""
         if not self.tokens:
             return 1
-        return 1 + self.context // block_size + math.ceil(self.tokens / block_size)
+        return 1 + self.context // block_size + (math.ceil(self.tokens / block_size) if self.packs else 0)
 
     def logit_rows(self) -> int:
         """Scores: every token; verify: every row token (each checks a draft; a prompt chunk's last token
@@ -89,11 +90,14 @@ def all_buckets(config: NeuronConfig) -> list[Bucket]:
     `batch_size` one-token rows (any step has at most that many sequences) and returns logits: prefill steps
     are few and compute-bound, so sampling them on the host costs nothing a second graph per size would save.
     Every context length has decode graphs of every row count, and prefill graphs of every size at the
-    smallest context, of LONG_CONTEXT_PREFILL_SIZES sizes beyond it. One score graph returns the logits of
-    every token of up to SCORE_TOKENS prompt tokens at the longest context, for prompt logprobs. With
-    speculation, verify graphs (1 + speculation_length tokens per row) sample each row token, checking the
-    row's drafts: at each context, for the fewest and the most decode rows, and with the prompt chunks of a
-    step beside its drafts, two sizes (`verify_prompt_lengths`).
+    smallest context, of LONG_CONTEXT_PREFILL_SIZES sizes beyond it. Prefill graphs pack (key room for a
+    step's chunks of several sequences) at the smallest context, where short prompts share steps, and at the
+    largest, which must hold any step; between, a chunk's attention skips that room (a 512-token chunk at
+    4096 attends 4096 keys, not 4608), and a packed step that needs it runs in the next context. One score
+    graph returns the logits of every token of up to SCORE_TOKENS prompt tokens at the longest context, for
+    prompt logprobs. With speculation, verify graphs (1 + speculation_length tokens per row) sample each row
+    token, checking the row's drafts: at each context, for the fewest and the most decode rows, and with the
+    prompt chunks of a step beside its drafts, two sizes (`verify_prompt_lengths`).
     """
     decode = [
         Bucket(rows, 0, context, config.on_device_sampling)
@@ -101,8 +105,9 @@ def all_buckets(config: NeuronConfig) -> list[Bucket]:
         for rows in config.decode_batch_sizes
     ]
     long_sizes = long_context_prefill_lengths(config.prefill_lengths)
+    last = len(config.context_lengths) - 1
     prefill = [
-        Bucket(config.batch_size, tokens, context, False)
+        Bucket(config.batch_size, tokens, context, False, packs=i in (0, last))
         for i, context in enumerate(config.context_lengths)
         for tokens in (config.prefill_lengths if i == 0 else long_sizes)
     ]

@@ -13,6 +13,7 @@ from ..config import NeuronConfig, Qwen2Shape
 from ..model.parallel import TPGroup
 from ..model.qwen2 import Qwen2Decoder
 from .buckets import Bucket
+from .cpu import keeps_plain_weights
 
 # FLOPs a core computes in the time it streams one byte (its machine balance), what an extra call's weight
 # stream costs in attention: a 2-core x86 VM ~100 GFLOP/s over ~20 GB/s (benchmarks/limits.py measures
@@ -25,6 +26,7 @@ class RankShape:
     """One rank's sizes in bytes (the model's dtype), from its shard."""
 
     weights: int  # every weight a graph call streams: the layers, the final norm and the lm_head
+    layer_weights: int  # the decoder layers' alone
     embedding_row: int  # one token's embedding (a graph reads its tokens' rows of the table)
     embedding_table: int  # the embedding table, when it is not the lm_head's weight (tied)
     kv_position: int  # K and V of one position, over all layers
@@ -42,6 +44,7 @@ class RankShape:
         per_layer = k[0].numel() * k.element_size() + v[0].numel() * v.element_size()
         return cls(
             weights=sum(size.values()) + (0 if "lm_head.weight" in size else embedding),
+            layer_weights=sum(n for name, n in size.items() if name.startswith("layers.")),
             embedding_row=shape.hidden_size * k.element_size(),
             embedding_table=embedding if "lm_head.weight" in size else 0,
             kv_position=per_layer * shape.num_hidden_layers,
@@ -111,7 +114,7 @@ def scratch(bucket: Bucket, rank: RankShape, shape: Qwen2Shape, config: NeuronCo
 class CoreMemory:
     """Bytes one NeuronCore holds."""
 
-    weights: int  # the rank's weights (the embedding table too)
+    weights: int  # the rank's weights, the embedding table too (cpu, float32: the layers' twice, see cpu.py)
     pool: int  # the KV pool
     scratch: int  # the largest graph call's live activations (an estimate)
 
@@ -122,8 +125,9 @@ class CoreMemory:
 
 def core_memory(shape: Qwen2Shape, config: NeuronConfig, buckets: list[Bucket]) -> CoreMemory:
     rank = RankShape.of(shape, config)
+    plain_copy = rank.layer_weights if keeps_plain_weights(config) else 0
     return CoreMemory(
-        weights=rank.weights + rank.embedding_table,
+        weights=rank.weights + rank.embedding_table + plain_copy,
         pool=rank.pool,
         scratch=max(scratch(b, rank, shape, config) for b in buckets),
     )

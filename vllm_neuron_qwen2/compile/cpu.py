@@ -32,6 +32,13 @@ def can_prepack(dtype: str) -> bool:
     return dtype != "bfloat16" or torch.cpu._is_avx512_supported()
 
 
+def keeps_plain_weights(config: NeuronConfig) -> bool:
+    """Whether the layers keep their plain weights beside the prepacked ones, for prompt chunks: in float32,
+    where the default GEMM (MKL) beats oneDNN's blocked layout at a chunk's hundreds of rows (in bfloat16
+    both are oneDNN's)."""
+    return config.backend == "cpu" and config.compile_mode == "eager" and config.dtype == "float32"
+
+
 def build_cpu_graphs(
     decoder: Qwen2Decoder, config: NeuronConfig, buckets: list[Bucket], model_dir: Path
 ) -> dict[Bucket, Callable]:
@@ -39,7 +46,7 @@ def build_cpu_graphs(
     if config.compile_mode == "eager":
         # oneDNN's blocked weights stream ~3x faster than BLAS at decode's few rows (inductor can't use them)
         if can_prepack(config.dtype):
-            decoder.prepack_linears(config.decode_batch_sizes[-1])
+            decoder.prepack_linears(config.decode_batch_sizes[-1], keeps_plain_weights(config))
         return graphs
     compiled = {b: torch.compile(g, fullgraph=True, dynamic=False) for b, g in graphs.items()}
 

@@ -188,11 +188,14 @@ class Qwen2Decoder(nn.Module):
         )
         self.scale = shape.head_dim**-0.5
 
-    def prepack_linears(self, batch: int) -> None:
-        """Swap every linear layer's weight for its oneDNN-blocked layout (cpu backend, eager mode)."""
-        for module in self.modules():
+    def prepack_linears(self, batch: int, keep_plain: bool) -> None:
+        """Give every linear layer oneDNN's blocked layout of its weight (cpu backend, eager mode); with
+        `keep_plain`, the layers' own linears keep their plain weight too, for prompt chunks (the lm_head
+        only ever sees a few rows)."""
+        for module in self.layers.modules():
             if isinstance(module, ShardLinear):
-                module.prepack(batch)
+                module.prepack(batch, keep_plain)
+        self.lm_head.prepack(batch, keep_plain=False)
 
     def forward(
         self,
