@@ -327,6 +327,12 @@ def test_plan_lists_every_graph_and_the_default_ladder_stays_in_budget(
     assert re.search(r"weights 7\.\d\d GiB, KV pool 7\.00 GiB \(8\.0 full-length sequences\)", memory)
 
 
+def test_plan_names_a_model_it_cannot_read_without_a_traceback(tmp_path: Path) -> None:
+    for model in (tmp_path / "missing", "Qwen/Not-Cached-Here"):
+        with pytest.raises(SystemExit, match="plan: cannot read a Qwen2 config.json for .*give a checkpoint"):
+            cli.main(["plan", str(model), "--max-num-seqs", "8", "--max-model-len", "2048"])
+
+
 def test_plan_costs_are_the_hand_count(tiny_qwen2: Path) -> None:
     """Bytes one call moves, from the shapes: a decode bucket of 4 rows x 512 positions, TP 1, float32; and
     the attention FLOPs of a prefill bucket (which decide whether decode rows run apart from a chunk)."""

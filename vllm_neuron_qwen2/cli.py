@@ -163,8 +163,24 @@ def _config(args: argparse.Namespace) -> NeuronConfig:
     )
 
 
+def _model_shape(model: str) -> Qwen2Shape:
+    """The geometry of a checkpoint folder, or of a Hugging Face repo id (its config.json alone, fetched or
+    cached)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        folder = Path(model)
+        config_file = folder / "config.json" if folder.is_dir() else hf_hub_download(model, "config.json")
+        return Qwen2Shape.from_dict(json.loads(Path(config_file).read_text()))
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(
+            f"plan: cannot read a Qwen2 config.json for {model!r}: give a checkpoint folder or a Hugging "
+            f"Face repo id ({type(error).__name__}: {error})"
+        ) from None
+
+
 def _plan(args: argparse.Namespace) -> None:
-    shape = Qwen2Shape.from_pretrained(args.model)
+    shape = _model_shape(args.model)
     config = _config(args).resolve(shape)
     buckets = all_buckets(config)
     rank = RankShape.of(shape, config)

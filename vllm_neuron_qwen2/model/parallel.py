@@ -91,9 +91,10 @@ def _empty_param(*shape: int, dtype: torch.dtype, shards: tuple[Shard, ...]) -> 
     return param
 
 
-# Input rows from which the default float32 GEMM (MKL) beats oneDNN's blocked weights: measured on this
-# project's 2-core AMD VM, 9% faster at a 512-token chunk, 1.5-2.5x slower at decode's 8 rows, even at ~256.
-PLAIN_GEMM_ROWS = 256
+# Input rows from which the default float32 GEMM (MKL) is used rather than oneDNN's blocked weights: on a
+# 2-core AVX2 AMD VM it is 9% faster at a 512-token chunk (even from ~256 rows), on an AVX-512 Xeon even at
+# 520 rows and 5-15% slower at 264-392; both 1.5-2.5x slower at decode's 8 rows.
+PLAIN_GEMM_ROWS = 512
 
 
 class ShardLinear(nn.Module):
