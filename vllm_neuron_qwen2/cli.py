@@ -169,9 +169,8 @@ def _model_shape(model: str) -> Qwen2Shape:
     from huggingface_hub import hf_hub_download
 
     try:
-        folder = Path(model)
-        config_file = folder / "config.json" if folder.is_dir() else hf_hub_download(model, "config.json")
-        return Qwen2Shape.from_dict(json.loads(Path(config_file).read_text()))
+        folder = Path(model) if Path(model).is_dir() else Path(hf_hub_download(model, "config.json")).parent
+        return Qwen2Shape.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as error:
         raise SystemExit(
             f"plan: cannot read a Qwen2 config.json for {model!r}: give a checkpoint folder or a Hugging "
