@@ -165,8 +165,11 @@ def test_chunks_of_several_sequences_that_need_key_room_move_up_a_context(tiny_q
 def test_cpu_float32_layers_multiply_prompt_chunks_with_their_plain_weights(tiny_qwen2, monkeypatch):
     """Eager float32 on the cpu backend: each layer's linear keeps its plain weight beside oneDNN's blocked
     one and uses it from PLAIN_GEMM_ROWS input rows (the default GEMM is faster there), the blocked one
-    below; the lm_head keeps the blocked one only. The memory the pool is sized against counts the copy."""
-    model = load(tiny_qwen2)
+    below; the lm_head keeps the blocked one only. The memory the pool is sized against counts the copy. A
+    ladder whose graphs never feed a linear that many rows keeps no copy."""
+    small = load(tiny_qwen2)  # 64-token steps
+    assert all(m.weight is None for m in small.decoder.modules() if isinstance(m, ShardLinear))
+    model = load(tiny_qwen2, seq_len=PLAIN_GEMM_ROWS)  # steps of up to PLAIN_GEMM_ROWS prompt tokens
     linears = [m for m in model.decoder.layers.modules() if isinstance(m, ShardLinear)]
     assert all(m.packed is not None and m.weight is not None for m in linears)
     assert model.decoder.lm_head.weight is None

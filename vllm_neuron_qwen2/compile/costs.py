@@ -125,7 +125,7 @@ class CoreMemory:
 
 def core_memory(shape: Qwen2Shape, config: NeuronConfig, buckets: list[Bucket]) -> CoreMemory:
     rank = RankShape.of(shape, config)
-    plain_copy = rank.layer_weights if keeps_plain_weights(config) else 0
+    plain_copy = rank.layer_weights if keeps_plain_weights(config, buckets) else 0
     return CoreMemory(
         weights=rank.weights + rank.embedding_table + plain_copy,
         pool=rank.pool,

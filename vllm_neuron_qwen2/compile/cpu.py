@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..config import NeuronConfig
 from ..model.graphs import BucketGraph, example_inputs
+from ..model.parallel import PLAIN_GEMM_ROWS
 from ..model.qwen2 import Qwen2Decoder
 from . import artifacts
 from .buckets import Bucket
@@ -32,11 +33,14 @@ def can_prepack(dtype: str) -> bool:
     return dtype != "bfloat16" or torch.cpu._is_avx512_supported()
 
 
-def keeps_plain_weights(config: NeuronConfig) -> bool:
+def keeps_plain_weights(config: NeuronConfig, buckets: list[Bucket]) -> bool:
     """Whether the layers keep their plain weights beside the prepacked ones, for prompt chunks: in float32,
-    where the default GEMM (MKL) beats oneDNN's blocked layout at a chunk's hundreds of rows (in bfloat16
-    both are oneDNN's)."""
-    return config.backend == "cpu" and config.compile_mode == "eager" and config.dtype == "float32"
+    where the default GEMM (MKL) beats oneDNN's blocked layout from PLAIN_GEMM_ROWS rows (in bfloat16 both
+    are oneDNN's), and only when some graph feeds its linears that many."""
+    return (
+        config.backend == "cpu" and config.compile_mode == "eager" and config.dtype == "float32"
+        and any(b.row_token_count() + b.tokens >= PLAIN_GEMM_ROWS for b in buckets)
+    )  # fmt: skip
 
 
 def build_cpu_graphs(
@@ -46,7 +50,7 @@ def build_cpu_graphs(
     if config.compile_mode == "eager":
         # oneDNN's blocked weights stream ~3x faster than BLAS at decode's few rows (inductor can't use them)
         if can_prepack(config.dtype):
-            decoder.prepack_linears(config.decode_batch_sizes[-1], keeps_plain_weights(config))
+            decoder.prepack_linears(config.decode_batch_sizes[-1], keeps_plain_weights(config, buckets))
         return graphs
     compiled = {b: torch.compile(g, fullgraph=True, dynamic=False) for b, g in graphs.items()}
 
