@@ -65,7 +65,12 @@ def test_bf16_weights_kv_cache_and_loading(
         )
     assert staged and not any(staged), "a bf16 tensor was converted on its way into a bf16 weight"
     linears = [m for m in model.decoder.modules() if isinstance(m, ShardLinear)]
-    weights = [m.weight if m.packed is None else m.packed for m in linears]  # prepacked where the CPU can
+    # prepacked where the CPU can; gate_up_proj's gate and up halves apart
+    weights = [
+        w
+        for m in linears
+        for w in (getattr(m, "halves", None) or [m.weight if m.packed is None else m.packed])
+    ]
     assert linears and {w.dtype for w in weights} == {torch.bfloat16}
     assert {t.dtype for t in model.decoder.kv_cache.layer(0)} == {torch.bfloat16}
     assert "without bfloat16 units" in caplog.text

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from decoder_harness import CONFIG, CONTEXTS, load, play_chunked_session, play_context_session, play_session
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2ForCausalLM
@@ -17,10 +18,18 @@ from transformers import Qwen2ForCausalLM
 from vllm_neuron_qwen2 import NeuronConfig, NeuronQwen2ForCausalLM, modeling
 from vllm_neuron_qwen2.compile.buckets import Bucket
 from vllm_neuron_qwen2.compile.costs import RankShape, core_memory
+from vllm_neuron_qwen2.compile.cpu import can_prepack
 from vllm_neuron_qwen2.config import ConfigError, Qwen2Shape
 from vllm_neuron_qwen2.model.checkpoint import CheckpointError, load_checkpoint
 from vllm_neuron_qwen2.model.graphs import BucketGraph, example_inputs
-from vllm_neuron_qwen2.model.parallel import PLAIN_GEMM_ROWS, ShardLinear, TPGroup
+from vllm_neuron_qwen2.model.parallel import (
+    PLAIN_GEMM_ROWS,
+    GateUpLinear,
+    ShardLinear,
+    TPGroup,
+    contiguous_shard,
+    has_bf16_units,
+)
 from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
 from vllm_neuron_qwen2.model.sampling import allowed_tokens, bitmask_words
 
@@ -187,6 +196,59 @@ def test_cpu_float32_layers_multiply_prompt_chunks_with_their_plain_weights(tiny
     buckets = list(model.graphs)
     copy = core_memory(shape, config, buckets).weights - core_memory(shape, compiled, buckets).weights
     assert copy == RankShape.of(shape, config).layer_weights > 0
+
+
+def test_bf16_prompt_chunks_attend_with_float32_queries(tiny_qwen2, monkeypatch):
+    """A bfloat16 model's prompt chunks keep their queries' float32 precision in attention: on a CPU with
+    bf16 units they multiply in bf16, q as two bf16 halves (else on float32 copies). With a sharp softmax,
+    where rounding q to bf16 moves the result, they stay as close to exact attention as float32 copies."""
+    decoder = load(tiny_qwen2, dtype="bfloat16").decoder
+    g, d = torch.Generator().manual_seed(0), decoder.shape.head_dim
+    q = 3 * torch.randn(1, 4, 64, d, generator=g)  # [1, Hq, T, D], float32 as RoPE leaves it
+    k, v = (torch.randn(1, 2, 96, d, generator=g).bfloat16() for _ in range(2))
+    mask = (torch.arange(96) <= torch.arange(64)[:, None] + 32)[None, None]
+    exact = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=decoder.scale, enable_gqa=True
+    )
+    sdpa, input_dtypes = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda q, *a, **kw: input_dtypes.append(q.dtype) or sdpa(q, *a, **kw),
+    )
+    chunks = decoder._chunk_attention(q, k, v, mask)
+    assert input_dtypes == [torch.bfloat16 if has_bf16_units() else torch.float32]
+    rounded_queries = decoder._attention(q.bfloat16(), k, v, mask)
+    float32_copies = decoder._attention(q, k, v, mask)
+
+    def error(out: torch.Tensor) -> float:
+        return (out.double() - exact).abs().mean().item()
+
+    assert chunks.dtype == torch.bfloat16
+    assert error(chunks) < 1.2 * error(float32_copies) and error(chunks) < 0.7 * error(rounded_queries)
+
+
+def test_bf16_gate_up_applies_swiglu_in_onednn_epilogues():
+    """Prepacked in bfloat16 (cpu backend), gate_up_proj keeps gate and up blocked apart and has oneDNN apply
+    silu and the product in the GEMMs' float32 epilogues: fewer roundings than the generic path's."""
+    if not can_prepack("bfloat16"):
+        pytest.skip("oneDNN blocks bfloat16 weights only on CPUs with AVX-512")
+    g, rows = torch.Generator().manual_seed(0), contiguous_shard(128, TPGroup())
+    layer = GateUpLinear(64, (rows, rows), bias=False, dtype=torch.bfloat16)
+    layer.weight.data = (torch.randn(256, 64, generator=g) / 8).bfloat16()
+    x = torch.randn(1, 40, 64, generator=g).bfloat16()
+    gate, up = (x.double() @ w.double().T for w in layer.weight.chunk(2))
+    exact = F.silu(gate) * up
+
+    def error(out: torch.Tensor) -> float:
+        return (out.double() - exact).abs().mean().item()
+
+    generic = layer(x)
+    layer.prepack(8, keep_plain=False)
+    assert layer.weight is None and [h.dtype for h in layer.halves] == [torch.bfloat16] * 2
+    fused = layer(x)
+    assert fused.shape == generic.shape == (1, 40, 128) and fused.dtype == torch.bfloat16
+    assert error(fused) < error(generic)
 
 
 def test_prompt_longer_than_the_largest_prefill_bucket_runs_in_several_calls(tiny_qwen2):

@@ -33,11 +33,10 @@ from .compile.buckets import (
     verify_batch_sizes,
 )
 from .compile.costs import FLOPS_PER_BYTE, RankShape, attention_flops
-from .compile.cpu import has_bf16_units
 from .config import NeuronConfig, Qwen2Shape
 from .model.graphs import penalty_width
 from .model.kv_cache import PADDING_BLOCK
-from .model.parallel import TPGroup
+from .model.parallel import TPGroup, has_bf16_units
 from .model.qwen2 import Qwen2Decoder
 from .model.sampling import Penalties, all_tokens_bitmask, bitmask_words, sample
 

@@ -23,11 +23,6 @@ from .buckets import Bucket
 INDUCTOR_DIR = "inductor"
 
 
-def has_bf16_units() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without, oneDNN emulates it."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def can_prepack(dtype: str) -> bool:
     """oneDNN blocks bfloat16 weights only on CPUs with AVX-512 (BW, VL, DQ); float32 ones everywhere."""
     return dtype != "bfloat16" or torch.cpu._is_avx512_supported()

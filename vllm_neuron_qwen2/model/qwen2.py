@@ -6,8 +6,8 @@ SwiGLU MLP, optional tied embeddings. Shapes: B batch rows, L tokens, H hidden, 
 Precision: weights, the KV cache and the inputs of every linear layer are in the model dtype (float32 or
 bfloat16). In float32: the residual stream (the embeddings and each layer's row-parallel output, summed over
 TP ranks, are added to it unrounded); RMSNorm (statistics and weight), SwiGLU's silu(gate) * up and RoPE
-(angles and rotation; prompt chunks' queries stay float32 into attention, decode rows' are rounded too), each
-rounded once to the model dtype; attention scores and softmax (see `_attention`); the returned logits.
+(angles and rotation; queries stay float32 into attention), each rounded once to the model dtype; attention
+scores and softmax (see `_attention`); the returned logits.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..config import NeuronConfig, Qwen2Shape
 from .kv_cache import KVCacheManager
 from .parallel import (
     ColumnParallelLinear,
+    GateUpLinear,
     RowParallelLinear,
     Shard,
     ShardLinear,
@@ -30,6 +31,7 @@ from .parallel import (
     VocabParallelEmbedding,
     VocabParallelLMHead,
     contiguous_shard,
+    has_bf16_units,
 )
 
 
@@ -137,16 +139,14 @@ class MLP(nn.Module):
     def __init__(self, shape: Qwen2Shape, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
         rows = contiguous_shard(shape.intermediate_size, tp)
-        self.inner = len(rows.index)
         # fused gate|up rows; the checkpoint's gate_proj and up_proj stack into it
-        self.gate_up_proj = ColumnParallelLinear(shape.hidden_size, (rows, rows), bias=False, dtype=dtype)
+        self.gate_up_proj = GateUpLinear(shape.hidden_size, (rows, rows), bias=False, dtype=dtype)
         self.down_proj = RowParallelLinear(
             contiguous_shard(shape.intermediate_size, tp, dim=1), shape.hidden_size, tp, dtype
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inner, dim=-1)
-        return self.down_proj((F.silu(gate.float()) * up.float()).to(x.dtype))  # rounded once
+        return self.down_proj(self.gate_up_proj(x))  # SwiGLU in gate_up_proj
 
 
 class DecoderLayer(nn.Module):
@@ -246,27 +246,40 @@ class Qwen2Decoder(nn.Module):
                 row_q = row_q.permute(2, 0, 3, 1, 4)  # [d, Hkv, Q, G, D]
                 mask = row_mask.expand(-1, -1, -1, row_q.shape[3], -1).flatten(2, 3)  # [d, 1, Q x G, C]
                 row_q = row_q.flatten(2, 3)  # no K/V repeated per head
-                out = self._attention(row_q, keys, values, mask, inputs_dtype=keys.dtype)
+                out = self._attention(row_q, keys, values, mask)
                 out = out.unflatten(2, (q_len, -1)).permute(1, 3, 0, 2, 4)  # [Hkv, G, d, Q, D]
                 parts.append(out.flatten(0, 1).flatten(1, 2)[None])  # [1, Hq, d x Q, D]
             if n > dq:  # the chunks' queries [1, Hq, T, D] against the key blocks [1, Hkv, K, D]
                 keys, values = self.kv_cache.gather(i, key_blocks[None])
-                parts.append(self._attention(q[:, :, dq:], keys, values, chunk_mask, torch.float32))
+                parts.append(self._chunk_attention(q[:, :, dq:], keys, values, chunk_mask))
             x = x + attn.output(torch.cat(parts, dim=2))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[0, logit_index])).float()
 
     def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, inputs_dtype: torch.dtype
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """softmax(q k^T) v on q, k, v in `inputs_dtype`, scores and softmax in float32 either way; the result
-        in the model dtype. In bfloat16, torch's CPU kernel rounds the probabilities to it before they weight
-        v, as HF does: decode rows take that (bandwidth-bound, they skip float32 copies of their gathered K/V:
-        8.5x faster for 8 rows over 8192 positions on AMX); prompt chunks go on float32 copies (in bfloat16
-        their worst logprob error at TP 2 exceeded vLLM CPU's bound, 0.337 vs 0.310). XLA's lowering upcasts
-        bfloat16 inputs itself, so the neuron backend computes the same either way."""
+        """softmax(q k^T) v on float32 copies of q, k and v; the result in the model dtype. Queries stay
+        float32: rounded to bfloat16 (as HF rounds them), the bf16 errors left vLLM CPU's bound."""
         out = F.scaled_dot_product_attention(
-            q.to(inputs_dtype), k.to(inputs_dtype), v.to(inputs_dtype), attn_mask=mask, scale=self.scale,
-            enable_gqa=True,
-        )  # fmt: skip
+            q.float(), k.float(), v.float(), attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
         return out.to(v.dtype)
+
+    def _chunk_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`_attention` for prompt chunks (compute-bound). On a CPU with bf16 units, a bfloat16 model's chunks
+        multiply in bf16 instead (AMX: 2.2x faster for a 512-token chunk over 4112 keys): q goes in as
+        two bf16 halves, high + low, against keys [k, k], so that q k^T keeps float32 precision (v is doubled
+        too, as the kernel wants equal head dims). That kernel rounds the probabilities to bf16 before they
+        weight v, as HF does. XLA's SDPA decomposition computes bfloat16 in float32 anyway."""
+        if q.device.type != "cpu" or k.dtype != torch.bfloat16 or not has_bf16_units():
+            return self._attention(q, k, v, mask)
+        high = q.to(k.dtype)
+        low = (q - high.float()).to(k.dtype)
+        out = F.scaled_dot_product_attention(
+            torch.cat((high, low), dim=-1), torch.cat((k, k), dim=-1), torch.cat((v, v), dim=-1),
+            attn_mask=mask, scale=self.scale, enable_gqa=True,
+        )  # fmt: skip
+        return out[..., : v.shape[-1]]
