@@ -99,12 +99,13 @@ def run_vllm(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             return {}
         stats = llm.collective_rpc("padding_stats")[0]  # rank 0: every rank pads alike
 
-        def name(rows: int, tokens: int, context: int, sample: bool, row_tokens: int) -> str:
+        def name(rows: int, tokens: int, context: int, sample: bool, row_tokens: int, packs: bool) -> str:
             kind = "prefill" if tokens else "verify" if row_tokens > 1 else "decode"
             shape = f"{rows}x{row_tokens}" if row_tokens > 1 else f"{rows}"
-            return f"{kind} {shape}+{tokens}x{context}{' sampled' if sample else ''}"
+            packed = " packed" if kind == "prefill" and packs else ""
+            return f"{kind} {shape}+{tokens}x{context}{' sampled' if sample else ''}{packed}"
 
-        return {name(*row[:5]): [real, pad, calls, seconds] for *row, real, pad, calls, seconds in stats}
+        return {name(*row): [real, pad, calls, seconds] for *row, real, pad, calls, seconds in stats}
 
     def counters() -> dict[str, float]:
         """vLLM's prefix-cache counters and, for the plugin, its step and graph-call times (cumulative)."""

@@ -304,7 +304,9 @@ def test_plan_lists_every_graph_and_the_default_ladder_stays_in_budget(
 ) -> None:
     lines, graphs = plan(tiny_qwen2, "--max-num-seqs", "8", "--max-model-len", "2048", capsys=capsys)
     assert lines[-1] == f"{len(graphs)} graphs" and len(graphs) <= 24  # the budget at 2048 / 8
-    assert {"decode[8x512+sample]", "decode[8x2048+sample]", "prefill[8+512x2048]"} <= set(graphs)
+    assert {"decode[8x512+sample]", "decode[8x2048+sample]", "prefill[8+512x2048+packed]"} <= set(graphs)
+    # the smallest context's largest size without key room too, for one prompt's chunk
+    assert {"prefill[8+512x512]", "prefill[8+512x512+packed]"} <= set(graphs)
     assert any(line.startswith("Why this ladder:") for line in lines)
     with caplog.at_level(logging.INFO):
         NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, NeuronConfig(batch_size=8, seq_len=2048))

@@ -313,10 +313,14 @@ def test_decode_over_subset_leaves_other_slots_unchanged(tiny_qwen2):
 
 def test_buckets_smallest_fitting_and_clear_errors(tiny_qwen2):
     model = load(tiny_qwen2)
-    assert model.config.prefill_lengths == [8, 16, 24, 32, 48, 64]  # up to the 64-token step budget
+    assert model.config.prefill_lengths == [8, 16, 32, 64]  # up to the 64-token step budget
+    # 45 prompt tokens, packed end to end; their 7 key blocks (and the padding block) fit the context's 8 + 1,
+    # so the graph without key room takes them
     model.prefill([[1] * 16, [2] * 17, [3] * 12], [0, 1, 2])
-    prefill = Bucket(4, 48, 64, False)  # 45 prompt tokens, packed end to end
-    assert dict(model.padding.real) == {prefill: 45} and model.padding.padded[prefill] == 3
+    unpacked = Bucket(4, 64, 64, False, packs=False)
+    assert dict(model.padding.real) == {unpacked: 45} and model.padding.padded[unpacked] == 19
+    model.prefill([[1] * 20, [2] * 20, [3] * 20], [0, 1, 2])  # 9 key blocks: the packed one
+    assert model.padding.real[Bucket(4, 64, 64, False)] == 60
     model.decode([1, 2], [16, 31], [0, 1], sampling=torch.zeros(2, 4))
     assert Bucket(2, 0, 64, True) in model.padding.real
     with pytest.raises(ValueError, match=r"positions 0..64 must lie in \[0, seq_len=64\)"):
@@ -344,7 +348,7 @@ def test_step_packs_prompts_and_carries_decode_rows(tiny_qwen2):
         input_ids=[20, 21], position_ids=[4, 2], seq_ids=[0, 1], prompts=prompts, prompt_seq_ids=[2, 3]
     )
     assert (got - want).abs().max().item() < 1e-4
-    assert mixed.padding.real[Bucket(4, 64, 64, False)] == 61
+    assert mixed.padding.real[Bucket(4, 64, 64, False, packs=False)] == 61  # 8 key blocks: no room needed
     assert not any(b.kind == "decode" for b in mixed.padding.real), "the decode rows rode along"
     # and the caches agree: one more decode step over all four slots
     step = ([22, 23, 24, 25], [5, 3, 40, 30], [0, 1, 2, 3])

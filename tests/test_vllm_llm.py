@@ -272,7 +272,7 @@ def test_padding_stats_through_collective_rpc(default_llm: tuple[Any, Path]) -> 
     llm, _ = default_llm
 
     def stats() -> dict[tuple, tuple[float, ...]]:  # (real, padded, calls, seconds) per bucket
-        return {tuple(row[:4]): tuple(row[5:]) for row in llm.collective_rpc("padding_stats")[0]}
+        return {tuple(row[:6]): tuple(row[6:]) for row in llm.collective_rpc("padding_stats")[0]}
 
     before = stats()
     lengths = [5, 30, 17, 60, 9, 44]
@@ -284,10 +284,10 @@ def test_padding_stats_through_collective_rpc(default_llm: tuple[Any, Path]) -> 
         bucket: tuple(now - then for now, then in zip(values, before.get(bucket, (0,) * 4), strict=True))
         for bucket, values in stats().items()
     }
-    ran = {b: d for b, d in delta.items() if d[2]}  # (rows, tokens, context, sample) -> its delta
+    ran = {b: d for b, d in delta.items() if d[2]}  # (rows, tokens, context, sample, ...) -> its delta
     prefill = {b: d for b, d in ran.items() if b[1]}
     assert sum(real for real, *_ in prefill.values()) == sum(lengths)
-    for (rows, tokens, _, _), (real, pad, calls, _) in prefill.items():
+    for (rows, tokens, *_), (real, pad, calls, _) in prefill.items():
         assert rows == SLOTS and pad >= 0 and real + pad == calls * tokens  # whole calls of the bucket
     decoded = sum(real for b, (real, *_) in ran.items() if not b[1])
     assert 0 < decoded <= len(lengths) * 9  # the rest of the 9 rode along in prefill calls

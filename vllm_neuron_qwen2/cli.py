@@ -55,9 +55,11 @@ LADDER_REASONS = (
     "and K/V traffic follow the real contexts (at most 4x them: contexts step by 4x from 512, plus half and "
     "three quarters of the length while there are at most five, where long prompts spend most; five "
     "contexts keep 32k within 40 graphs). Decode rows step by 2x (decode streams the weights, so a padded "
-    "row costs little). Prefill sizes step by 1.5x at the smallest context, where short chunks and chat "
-    "turns run; beyond it, where attention dominates and chunks are mostly a long prompt's, three sizes: "
-    "the smallest (host-sampled decode rows), a quarter and the whole step."
+    "row costs little). Prefill sizes at the smallest context, where short chunks and chat turns run, step "
+    "by 2x up to 64 tokens (below, a step streams the weights and padding costs little), then by 1.5x; "
+    "packed (key room for several sequences' chunks), and the two largest also unpacked, for one prompt's "
+    "chunk. Beyond it, where attention dominates and chunks are mostly a long prompt's, three sizes: the "
+    "smallest (host-sampled decode rows), a quarter and the whole step."
 )
 VERIFY_REASONS = (
     "Verify graphs (speculation): at each context the fewest and the most decode rows (the rest pad up, "

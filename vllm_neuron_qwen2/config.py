@@ -79,12 +79,13 @@ class Qwen2Shape:
 
 
 def _ladder(smallest: int, largest: int, multiple: int) -> list[int]:
-    """The powers of two and 1.5x them in [smallest, largest) that are multiples of `multiple`, then
-    `largest`: steps of at most 1.5x cap padding at a third of a bucket, while the number of graphs grows
-    only logarithmically."""
+    """The powers of two, and 1.5x them from STREAMING_TOKENS, in [smallest, largest) that are multiples of
+    `multiple`, then `largest`. Below STREAMING_TOKENS a step streams the weights, so padding costs little;
+    above, steps of at most 1.5x cap it at a third of a bucket. The number of graphs grows logarithmically."""
     sizes, p = set(), 1
     while p < largest:
-        sizes.update(s for s in (p, p * 3 // 2) if smallest <= s < largest and s % multiple == 0)
+        steps = (p, p * 3 // 2) if p >= STREAMING_TOKENS else (p,)
+        sizes.update(s for s in steps if smallest <= s < largest and s % multiple == 0)
         p *= 2
     return sorted(sizes) + [largest]
 
@@ -108,6 +109,9 @@ def _context_ladder(smallest: int, largest: int) -> list[int]:
 BUCKET_FIELDS = ("prefill_lengths", "decode_batch_sizes", "context_lengths")
 # Prefill graphs take multiples of this many prompt tokens (the smallest prefill graph).
 PREFILL_STEP = 8
+# Prompt tokens below which a prefill step is bound by streaming the weights rather than by compute (about 53
+# in float32 on a 2-core AVX-512 Xeon, about 250 for Qwen2-7B in bf16 on a NeuronCore).
+STREAMING_TOKENS = 64
 # The smallest context bucket by default: below it, attention is small next to streaming the weights.
 SMALLEST_CONTEXT = 512
 # Context buckets by default at most: each adds 6 graphs (3 decode, 3 prefill), 40 in all at 32k.

@@ -151,10 +151,10 @@ class NeuronQwen2Worker(WorkerBase):
     def take_draft_token_ids(self) -> DraftTokenIds | None:
         return self.model_runner.take_draft_token_ids()
 
-    def padding_stats(self) -> list[tuple[int, int, int, bool, int, int, int, int, float]]:
-        """(rows, prompt tokens, context, sample, tokens per row, real tokens, padded tokens, calls, seconds)
-        per bucket run so far; the score graph (prompt logprobs) is the one with 0 rows, verify graphs have
-        several tokens per row.
+    def padding_stats(self) -> list[tuple[int, int, int, bool, int, bool, int, int, int, float]]:
+        """(rows, prompt tokens, context, sample, tokens per row, packs, real tokens, padded tokens, calls,
+        seconds) per bucket run so far; the score graph (prompt logprobs) is the one with 0 rows, verify
+        graphs have several tokens per row, packing prefill graphs key room for several sequences' chunks.
 
         Plain values so that `LLM.collective_rpc("padding_stats")` can carry them (benchmarks/ reads them).
         """
@@ -165,6 +165,7 @@ class NeuronQwen2Worker(WorkerBase):
             (
                 *bucket[:4],
                 bucket.row_tokens,
+                bucket.packs,
                 stats.real[bucket],
                 stats.padded[bucket],
                 stats.calls[bucket],
