@@ -198,6 +198,11 @@ def test_cpu_float32_layers_multiply_prompt_chunks_with_their_plain_weights(tiny
     assert copy == RankShape.of(shape, config).layer_weights > 0
 
 
+def mean_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """Mean absolute error of `out` against a float64 reference."""
+    return (out.double() - exact).abs().mean().item()
+
+
 def test_bf16_prompt_chunks_attend_with_float32_queries(tiny_qwen2, monkeypatch):
     """A bfloat16 model's prompt chunks keep their queries' float32 precision in attention: on a CPU with
     bf16 units they multiply in bf16, q as two bf16 halves (else on float32 copies). With a sharp softmax,
@@ -220,12 +225,10 @@ def test_bf16_prompt_chunks_attend_with_float32_queries(tiny_qwen2, monkeypatch)
     assert input_dtypes == [torch.bfloat16 if has_bf16_units() else torch.float32]
     rounded_queries = decoder._attention(q.bfloat16(), k, v, mask)
     float32_copies = decoder._attention(q, k, v, mask)
-
-    def error(out: torch.Tensor) -> float:
-        return (out.double() - exact).abs().mean().item()
-
     assert chunks.dtype == torch.bfloat16
-    assert error(chunks) < 1.2 * error(float32_copies) and error(chunks) < 0.7 * error(rounded_queries)
+    chunks_error = mean_error(chunks, exact)
+    assert chunks_error < 1.2 * mean_error(float32_copies, exact)
+    assert chunks_error < 0.7 * mean_error(rounded_queries, exact)
 
 
 def test_bf16_gate_up_applies_swiglu_in_onednn_epilogues():
@@ -239,16 +242,12 @@ def test_bf16_gate_up_applies_swiglu_in_onednn_epilogues():
     x = torch.randn(1, 40, 64, generator=g).bfloat16()
     gate, up = (x.double() @ w.double().T for w in layer.weight.chunk(2))
     exact = F.silu(gate) * up
-
-    def error(out: torch.Tensor) -> float:
-        return (out.double() - exact).abs().mean().item()
-
     generic = layer(x)
     layer.prepack(8, keep_plain=False)
     assert layer.weight is None and [h.dtype for h in layer.halves] == [torch.bfloat16] * 2
     fused = layer(x)
     assert fused.shape == generic.shape == (1, 40, 128) and fused.dtype == torch.bfloat16
-    assert error(fused) < error(generic)
+    assert mean_error(fused, exact) < mean_error(generic, exact)
 
 
 def test_prompt_longer_than_the_largest_prefill_bucket_runs_in_several_calls(tiny_qwen2):

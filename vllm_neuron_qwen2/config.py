@@ -110,7 +110,8 @@ BUCKET_FIELDS = ("prefill_lengths", "decode_batch_sizes", "context_lengths")
 # Prefill graphs take multiples of this many prompt tokens (the smallest prefill graph).
 PREFILL_STEP = 8
 # Prompt tokens below which a prefill step is bound by streaming the weights rather than by compute (about 53
-# in float32 on a 2-core AVX-512 Xeon, about 250 for Qwen2-7B in bf16 on a NeuronCore).
+# in float32 on a 2-core AVX-512 Xeon, measured; about 250 for Qwen2-7B in bf16 on a NeuronCore, estimated
+# from its published bandwidth and bf16 rate, not measured).
 STREAMING_TOKENS = 64
 # The smallest context bucket by default: below it, attention is small next to streaming the weights.
 SMALLEST_CONTEXT = 512
