@@ -6,6 +6,7 @@ real torch.compile builds (tiny model, few buckets), kills one, corrupts one and
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -28,7 +29,7 @@ from vllm_neuron_qwen2.compile.buckets import Bucket, all_buckets
 from vllm_neuron_qwen2.config import ConfigError, NeuronConfig, Qwen2Shape
 from vllm_neuron_qwen2.model.checkpoint import load_checkpoint
 from vllm_neuron_qwen2.model.graphs import BucketGraph, example_inputs
-from vllm_neuron_qwen2.model.parallel import TPGroup
+from vllm_neuron_qwen2.model.parallel import ShardLinear, TPGroup
 from vllm_neuron_qwen2.model.qwen2 import Qwen2Decoder
 from vllm_neuron_qwen2.modeling import NeuronQwen2ForCausalLM
 from vllm_neuron_qwen2.tiny import QWEN2_7B
@@ -356,6 +357,19 @@ def test_plan_costs_are_the_hand_count(tiny_qwen2: Path) -> None:
     prefill = Bucket(4, 64, 128, False)  # 4 rows x 128 positions; 64 tokens x (1 + 16 + 8 blocks of 8)
     per_pair = 4 * 4 * d * layers  # q.k and the weighted v, 2 FLOPs each per element, 4 heads, 2 layers
     assert costs.attention_flops(prefill, rank, 8) == (4 * 128 + 64 * 25 * 8) * per_pair
+
+
+def test_compiled_graphs_call_the_prepacked_linears(tiny_qwen2: Path) -> None:
+    """Compiled cpu graphs keep oneDNN's prepacked weights, decode's fast path: the layers hold no plain
+    weight, so every linear runs as the opaque packed op between inductor's fused kernels, and the tokens
+    are eager mode's."""
+    config = NeuronConfig(**SMALL, compile_mode="compiled", on_device_sampling=False)
+    compiled = NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, config)
+    linears = [m for m in compiled.decoder.modules() if isinstance(m, ShardLinear)]
+    assert linears and all(m.packed is not None and m.weight is None for m in linears)
+    eager_config = dataclasses.replace(config, compile_mode="eager")
+    eager = NeuronQwen2ForCausalLM.from_pretrained(tiny_qwen2, eager_config)
+    assert greedy(compiled) == greedy(eager)
 
 
 def test_compile_kill_serve_corrupt(

@@ -172,10 +172,10 @@ def test_chunks_of_several_sequences_that_need_key_room_move_up_a_context(tiny_q
 
 
 def test_cpu_float32_layers_multiply_prompt_chunks_with_their_plain_weights(tiny_qwen2, monkeypatch):
-    """Eager float32 on the cpu backend: each layer's linear keeps its plain weight beside oneDNN's blocked
-    one and uses it from PLAIN_GEMM_ROWS input rows (the default GEMM is faster there), the blocked one
-    below; the lm_head keeps the blocked one only. The memory the pool is sized against counts the copy. A
-    ladder whose graphs never feed a linear that many rows keeps no copy."""
+    """Float32 on the cpu backend (eager or compiled): each layer's linear keeps its plain weight beside
+    oneDNN's blocked one and uses it from PLAIN_GEMM_ROWS input rows (the default GEMM is faster there), the
+    blocked one below; the lm_head keeps the blocked one only. The memory the pool is sized against counts the
+    copy. A ladder whose graphs never feed a linear that many rows keeps no copy."""
     small = load(tiny_qwen2)  # 64-token steps
     assert all(m.weight is None for m in small.decoder.modules() if isinstance(m, ShardLinear))
     model = load(tiny_qwen2, seq_len=PLAIN_GEMM_ROWS)  # steps of up to PLAIN_GEMM_ROWS prompt tokens
@@ -192,9 +192,8 @@ def test_cpu_float32_layers_multiply_prompt_chunks_with_their_plain_weights(tiny
             gate_up(torch.randn(1, rows, gate_up.weight.shape[1]))
     assert plain_calls == [PLAIN_GEMM_ROWS]
     shape, config = model.decoder.shape, model.config
-    compiled = NeuronConfig(**{**config.to_dict(), "compile_mode": "compiled"})
-    buckets = list(model.graphs)
-    copy = core_memory(shape, config, buckets).weights - core_memory(shape, compiled, buckets).weights
+    weights = core_memory(shape, config, list(model.graphs)).weights
+    copy = weights - core_memory(shape, small.config, list(small.graphs)).weights
     assert copy == RankShape.of(shape, config).layer_weights > 0
 
 

@@ -33,7 +33,7 @@ def keeps_plain_weights(config: NeuronConfig, buckets: list[Bucket]) -> bool:
     where the default GEMM (MKL) beats oneDNN's blocked layout from PLAIN_GEMM_ROWS rows (in bfloat16 both
     are oneDNN's), and only when some graph feeds its linears that many."""
     return (
-        config.backend == "cpu" and config.compile_mode == "eager" and config.dtype == "float32"
+        config.backend == "cpu" and config.dtype == "float32"
         and any(b.row_token_count() + b.tokens >= PLAIN_GEMM_ROWS for b in buckets)
     )  # fmt: skip
 
@@ -42,10 +42,11 @@ def build_cpu_graphs(
     decoder: Qwen2Decoder, config: NeuronConfig, buckets: list[Bucket], model_dir: Path
 ) -> dict[Bucket, Callable]:
     graphs = {b: BucketGraph(decoder, b) for b in buckets}
+    # oneDNN's blocked weights stream ~3x faster than BLAS at decode's few rows; compiled graphs call them
+    # as opaque ops (parallel.packed_linear) and fuse what lies between
+    if can_prepack(config.dtype):
+        decoder.prepack_linears(config.decode_batch_sizes[-1], keeps_plain_weights(config, buckets))
     if config.compile_mode == "eager":
-        # oneDNN's blocked weights stream ~3x faster than BLAS at decode's few rows (inductor can't use them)
-        if can_prepack(config.dtype):
-            decoder.prepack_linears(config.decode_batch_sizes[-1], keeps_plain_weights(config, buckets))
         return graphs
     compiled = {b: torch.compile(g, fullgraph=True, dynamic=False) for b, g in graphs.items()}
 

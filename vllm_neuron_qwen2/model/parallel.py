@@ -102,6 +102,27 @@ def _empty_param(*shape: int, dtype: torch.dtype, shards: tuple[Shard, ...]) -> 
 PLAIN_GEMM_ROWS = 512
 
 
+# oneDNN's linears on prepacked weights, as ops that torch.compile keeps whole (it cannot trace the blocked
+# weights): inductor calls them and fuses the element-wise work between them.
+@torch.library.custom_op("vllm_neuron_qwen2::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out: int) -> torch.Tensor:
+    """x [.., in] @ W.T (+ bias) -> [.., out], W blocked by `_reorder_linear_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@torch.library.custom_op("vllm_neuron_qwen2::packed_swiglu", mutates_args=())
+def packed_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: int) -> torch.Tensor:
+    """silu(x W_gate^T) * (x W_up^T) -> [.., out], silu and the product in the GEMMs' float32 epilogues."""
+    silu_gate = torch.ops.mkldnn._linear_pointwise(x, gate, None, "swish", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, silu_gate, up, None, "mul")
+
+
+@packed_linear.register_fake
+@packed_swiglu.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, second: torch.Tensor | None, out: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out)
+
+
 class ShardLinear(nn.Module):
     """x @ W.T (+ b) over this rank's shard W [out, in].
 
@@ -123,7 +144,7 @@ class ShardLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if self.packed is None or (self.weight is not None and rows >= PLAIN_GEMM_ROWS):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias, self.packed.shape[0])
 
 
 class ColumnParallelLinear(ShardLinear):
@@ -163,8 +184,7 @@ class GateUpLinear(ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., H] -> silu(x W_gate^T) * (x W_up^T) [.., intermediate / tp], in x's dtype."""
         if self.halves is not None:
-            gate = torch.ops.mkldnn._linear_pointwise(x, self.halves[0], None, "swish", [], "")
-            return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.halves[1], None, "mul")
+            return packed_swiglu(x, *self.halves, self.halves[0].shape[0])
         gate, up = self.linear(x).chunk(2, dim=-1)
         return (F.silu(gate.float()) * up.float()).to(x.dtype)  # rounded once
 

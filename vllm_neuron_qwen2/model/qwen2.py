@@ -187,6 +187,7 @@ class Qwen2Decoder(nn.Module):
             dtype,
         )
         self.scale = shape.head_dim**-0.5
+        self.bf16_units = has_bf16_units()  # asked once: torch.compile cannot trace the question
 
     def prepack_linears(self, batch: int, keep_plain: bool) -> None:
         """Give every linear layer oneDNN's blocked layout of its weight (cpu backend, eager mode); with
@@ -274,7 +275,7 @@ class Qwen2Decoder(nn.Module):
         two bf16 halves, high + low, against keys [k, k], so that q k^T keeps float32 precision (v is doubled
         too, as the kernel wants equal head dims). That kernel rounds the probabilities to bf16 before they
         weight v, as HF does. XLA's SDPA decomposition computes bfloat16 in float32 anyway."""
-        if q.device.type != "cpu" or k.dtype != torch.bfloat16 or not has_bf16_units():
+        if q.device.type != "cpu" or k.dtype != torch.bfloat16 or not self.bf16_units:
             return self._attention(q, k, v, mask)
         high = q.to(k.dtype)
         low = (q - high.float()).to(k.dtype)
