@@ -102,25 +102,36 @@ def _empty_param(*shape: int, dtype: torch.dtype, shards: tuple[Shard, ...]) -> 
 PLAIN_GEMM_ROWS = 512
 
 
-# oneDNN's linears on prepacked weights, as ops that torch.compile keeps whole (it cannot trace the blocked
-# weights): inductor calls them and fuses the element-wise work between them.
-@torch.library.custom_op("vllm_neuron_qwen2::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out: int) -> torch.Tensor:
+# oneDNN's linears on prepacked weights as operators of their own: torch.compile cannot trace the blocked
+# weights, so inductor calls these whole and fuses the element-wise work between them. (Defined through a
+# Library, not `custom_op`: torch 2.9's custom_op reads every input's storage, which blocked weights lack.)
+_OPS = torch.library.Library("vllm_neuron_qwen2", "DEF")
+_OPS.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out) -> Tensor")
+_OPS.define("packed_swiglu(Tensor x, Tensor gate, Tensor up, int out) -> Tensor")
+
+
+def _packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out: int
+) -> torch.Tensor:
     """x [.., in] @ W.T (+ bias) -> [.., out], W blocked by `_reorder_linear_weight`."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-@torch.library.custom_op("vllm_neuron_qwen2::packed_swiglu", mutates_args=())
-def packed_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: int) -> torch.Tensor:
+def _packed_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: int) -> torch.Tensor:
     """silu(x W_gate^T) * (x W_up^T) -> [.., out], silu and the product in the GEMMs' float32 epilogues."""
     silu_gate = torch.ops.mkldnn._linear_pointwise(x, gate, None, "swish", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(x, silu_gate, up, None, "mul")
 
 
-@packed_linear.register_fake
-@packed_swiglu.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, second: torch.Tensor | None, out: int) -> torch.Tensor:
+def _output_like(
+    x: torch.Tensor, weight: torch.Tensor, second: torch.Tensor | None, out: int
+) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out)
+
+
+for _name, _impl in (("packed_linear", _packed_linear), ("packed_swiglu", _packed_swiglu)):
+    _OPS.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"vllm_neuron_qwen2::{_name}", _output_like, lib=_OPS)
 
 
 class ShardLinear(nn.Module):
@@ -144,7 +155,7 @@ class ShardLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if self.packed is None or (self.weight is not None and rows >= PLAIN_GEMM_ROWS):
             return F.linear(x, self.weight, self.bias)
-        return packed_linear(x, self.packed, self.bias, self.packed.shape[0])
+        return torch.ops.vllm_neuron_qwen2.packed_linear(x, self.packed, self.bias, self.packed.shape[0])
 
 
 class ColumnParallelLinear(ShardLinear):
@@ -184,7 +195,7 @@ class GateUpLinear(ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., H] -> silu(x W_gate^T) * (x W_up^T) [.., intermediate / tp], in x's dtype."""
         if self.halves is not None:
-            return packed_swiglu(x, *self.halves, self.halves[0].shape[0])
+            return torch.ops.vllm_neuron_qwen2.packed_swiglu(x, *self.halves, self.halves[0].shape[0])
         gate, up = self.linear(x).chunk(2, dim=-1)
         return (F.silu(gate.float()) * up.float()).to(x.dtype)  # rounded once
 

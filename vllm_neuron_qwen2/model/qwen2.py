@@ -190,7 +190,7 @@ class Qwen2Decoder(nn.Module):
         self.bf16_units = has_bf16_units()  # asked once: torch.compile cannot trace the question
 
     def prepack_linears(self, batch: int, keep_plain: bool) -> None:
-        """Give every linear layer oneDNN's blocked layout of its weight (cpu backend, eager mode); with
+        """Give every linear layer oneDNN's blocked layout of its weight (cpu backend, either mode); with
         `keep_plain`, the layers' own linears keep their plain weight too, for prompt chunks (the lm_head
         only ever sees a few rows)."""
         for module in self.layers.modules():
