@@ -97,8 +97,10 @@ def chunk_case(decoder, config, buckets, end: int):
 def decode_case(decoder, config, position: int):
     """ROWS decode rows at `position`: the plugin's gather + attention over the context bucket, and over
     the real positions only."""
+    from vllm_neuron_qwen2.compile.buckets import smallest_fitting
+
     bs = config.block_size
-    context = next(c for c in config.context_lengths if c > position)
+    context = smallest_fitting(config.context_lengths, position + 1, "context", "context_lengths")
     kv_heads, d = len(decoder.layout.kv_heads), decoder.shape.head_dim
     group = len(decoder.layout.q_heads) // kv_heads
     q = torch.randn(ROWS, kv_heads, group, d)

@@ -43,7 +43,7 @@ def build_cpu_graphs(
 ) -> dict[Bucket, Callable]:
     graphs = {b: BucketGraph(decoder, b) for b in buckets}
     # oneDNN's blocked weights stream ~3x faster than BLAS at decode's few rows; compiled graphs call them
-    # as opaque ops (parallel.packed_linear) and fuse what lies between
+    # as opaque ops (torch.ops.vllm_neuron_qwen2.packed_linear) and fuse what lies between
     if can_prepack(config.dtype):
         decoder.prepack_linears(config.decode_batch_sizes[-1], keeps_plain_weights(config, buckets))
     if config.compile_mode == "eager":
