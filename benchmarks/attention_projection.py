@@ -4,14 +4,15 @@ from a long8k run: the plugin's graph calls without their attention, plus vLLM's
 MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647 \
     python -m benchmarks.attention_projection RUN_JSON [--repeats 3]
 
-RUN_JSON: a `benchmarks.run` result of long8k with both engines, the plugin in eager mode. Each bucket the
-plugin called there is timed again in one call of the benchmark's model (as the engine builds it), as is and
-with attention taken out: the block gathers return a view of one block and the attention functions zeros,
-so what remains is the weights, norms, RoPE, K/V writes and sampling (the floor). vLLM CPU's own kernel
-(`cpu_attention_with_kv_cache`, as in benchmarks.attention_kernels) is timed over long8k's real attention:
-each prompt in 512-token chunks, then its decode tokens 8 rows at a time, once per layer. The projection is
-the floor over the run's calls, plus that kernel time, plus the run's host time between calls; it is set
-against vLLM CPU's elapsed time in the same run. Current stack only (vLLM's compiled ops).
+RUN_JSON: a `benchmarks.run` result of long8k with both engines, the plugin in eager mode (its first
+round is used). Each bucket the plugin called there is timed again in one call of the benchmark's model (as
+the engine builds it), as is and with attention taken out: the block gathers return a view of one slot and
+the attention functions zeros, so what remains is the weights, norms, RoPE, K/V writes and sampling (the
+floor). vLLM CPU's own kernel (`cpu_attention_with_kv_cache`, as in benchmarks.attention_kernels) is timed
+over long8k's real attention: each prompt in 512-token chunks, then its decode tokens 8 rows at a time, once
+per layer. The projection is the floor over the run's calls, plus that kernel time, plus the run's host time
+between calls; it is set against vLLM CPU's elapsed time in the same run. Current stack only (vLLM's
+compiled ops).
 """
 
 from __future__ import annotations
